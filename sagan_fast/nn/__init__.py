@@ -1,0 +1,9 @@
+"""Drop-in layers for any GAN: spectral norm, SN layers, self-attention, conditional BN."""
+
+from .spectral_norm import (SpectralNorm, SpectralNormError, fuse_spectral_norms, spectral_norm,
+                            spectral_norm_layers, update_spectral_norms)
+
+__all__ = [
+    "SpectralNorm", "SpectralNormError", "fuse_spectral_norms", "spectral_norm",
+    "spectral_norm_layers", "update_spectral_norms",
+]

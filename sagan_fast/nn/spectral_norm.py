@@ -1,0 +1,208 @@
+"""Drop-in spectral norm: torch's API and state-dict keys, with the power iteration fused and run
+once per weight update instead of once per forward call.
+
+``spectral_norm(module)`` registers a parametrization exactly where torch's does, so a module
+carries ``parametrizations.weight.original``, ``parametrizations.weight.0._u`` and ``..._v``: a state
+dict saved with either implementation loads into the other and gives the same normalized weight.
+
+What differs from torch, on purpose:
+
+- u and v are updated (one power iteration, in place, under no_grad) only when the weight has
+  changed since the last update (its autograd version counter moved: an optimizer step, a
+  ``load_state_dict``, a DDP broadcast). Every forward in between reuses them. So D on real and
+  then on fake before one backward, or G under no_grad and then with grad, all see the same
+  normalized weight, and nothing saved for backward is modified in place.
+- The update runs outside any compiled graph (``torch.compiler.disable``), so ``torch.compile``
+  of a whole GAN step works; the normalization itself is an op registered with torch.library.
+- :func:`fuse_spectral_norms` makes a model update all of its stale SN weights together, in one
+  multi-tensor launch, before its forward.
+
+Zero, NaN and Inf weights: eps floors the norms, as torch, so a zero weight gives sigma = 0; the
+update checks every sigma it computes is finite and positive (one device sync per update, for all
+weights of a model at once) and raises :class:`SpectralNormError` naming the weight otherwise.
+Pass ``check_finite=False`` to :func:`update_spectral_norms` to skip that check.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..ops import reference
+from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_power_iteration_,
+                                 spectral_norm_sigma)
+
+
+class SpectralNormError(FloatingPointError):
+    """A spectral norm update found a zero, NaN or Inf sigma: the weight is degenerate."""
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization registered by :func:`spectral_norm` (mirrors torch's ``_SpectralNorm``)."""
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
+                 eps: float = 1e-12, backend: str | None = None) -> None:
+        super().__init__()
+        ndim = weight.ndim
+        if dim >= ndim or dim < -ndim:
+            raise IndexError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] "
+                             f"but got {dim})")
+        if n_power_iterations <= 0:
+            raise ValueError(f"Expected n_power_iterations to be positive, but got "
+                             f"n_power_iterations={n_power_iterations}")
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        self.n_power_iterations = n_power_iterations
+        self.backend = backend
+        # Version of the weight that u, v and _sigma belong to; -1: never updated, so the first
+        # training forward runs one power iteration, exactly as torch's first forward does.
+        self._seen_version = -1
+        self._seen_data_ptr = 0
+        # True when a model-level pre-hook (fuse_spectral_norms) keeps this layer up to date.
+        self._fused = False
+        if ndim > 1:
+            weight_mat = reference.weight_to_matrix(weight.detach(), self.dim)
+            h, w = weight_mat.shape
+            # Same random draws and 15 warm-up iterations as torch, so one seed gives one u, v.
+            u = weight_mat.new_empty(h).normal_(0, 1)
+            v = weight_mat.new_empty(w).normal_(0, 1)
+            u = F.normalize(u, dim=0, eps=eps)
+            v = F.normalize(v, dim=0, eps=eps)
+            u, v = reference.spectral_norm_power_iteration(weight_mat, u, v, 15, eps)
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
+            # sigma = u . W v for the version in _seen_version; not in the state dict (torch has none).
+            self.register_buffer("_sigma", torch.ones((), device=weight.device,
+                                                       dtype=torch.promote_types(weight.dtype, torch.float32)),
+                                 persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}"
+
+    def is_stale(self, weight: torch.Tensor) -> bool:
+        return weight._version != self._seen_version or weight.data_ptr() != self._seen_data_ptr
+
+    def mark_fresh(self, weight: torch.Tensor) -> None:
+        self._seen_version = weight._version
+        self._seen_data_ptr = weight.data_ptr()
+
+    @torch.compiler.disable
+    def _update_if_stale(self, weight: torch.Tensor) -> None:
+        if self.is_stale(weight):
+            _power_iterate([(self, weight)], check_finite=True)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        if self.training:
+            # Fused layers were updated by their model's pre-hook; skipping the check keeps the
+            # compiled graph free of breaks. Eager layers check their weight's version (cheap).
+            if not (self._fused and torch.compiler.is_compiling()):
+                self._update_if_stale(weight)
+            sigma = self._sigma
+        else:
+            sigma = spectral_norm_sigma(weight.detach(), self._u, self._v, self.dim)
+        return spectral_norm_normalize(weight, self._u, self._v, sigma, dim=self.dim, backend=self.backend)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        # Assigning module.weight = W stores W itself, as torch does.
+        return value
+
+
+def _power_iterate(pairs: list[tuple[SpectralNorm, torch.Tensor]], check_finite: bool) -> None:
+    """One multi-tensor power iteration per (device, dtype, n_iter, eps, backend) group."""
+    groups: dict[tuple, list[tuple[SpectralNorm, torch.Tensor]]] = {}
+    for sn, weight in pairs:
+        key = (weight.device, weight.dtype, sn.n_power_iterations, sn.eps, sn.backend)
+        groups.setdefault(key, []).append((sn, weight))
+    for (_, _, n_iter, eps, backend), members in groups.items():
+        with torch.no_grad():
+            sigmas = spectral_norm_power_iteration_(
+                [w.detach() for _, w in members], [sn._u for sn, _ in members],
+                [sn._v for sn, _ in members], [sn.dim for sn, _ in members],
+                n_power_iterations=n_iter, eps=eps, backend=backend)
+            if check_finite:
+                bad = ~(torch.isfinite(sigmas) & (sigmas > 0))
+                if bool(bad.any()):  # the one sync per update
+                    shapes = [tuple(members[i][1].shape) for i in bad.nonzero().flatten().tolist()]
+                    raise SpectralNormError(
+                        f"spectral norm: sigma is zero, NaN or Inf for weight(s) of shape {shapes} "
+                        "(the weight is all zero or holds NaN/Inf); the normalized weight would be "
+                        "NaN. Check the learning rate / loss for divergence, or re-initialize the layer.")
+            for i, (sn, w) in enumerate(members):
+                sn._sigma.copy_(sigmas[i])
+                sn.mark_fresh(w)
+
+
+def spectral_norm_layers(modules: nn.Module | Iterable[nn.Module]):
+    """Yield (parametrization, weight Parameter) for every :class:`SpectralNorm` in ``modules``.
+
+    Only parametrizations that see the raw parameter (first in their list) are yielded; others
+    update themselves in their own forward.
+    """
+    if isinstance(modules, nn.Module):
+        modules = modules.modules()
+    for m in modules:
+        if not parametrize.is_parametrized(m):
+            continue
+        for plist in m.parametrizations.values():
+            first = plist[0]
+            if isinstance(first, SpectralNorm) and plist.original.ndim > 1:
+                yield first, plist.original
+
+
+@torch.compiler.disable
+def update_spectral_norms(model: nn.Module | Iterable[nn.Module], *, force: bool = False,
+                          check_finite: bool = True) -> int:
+    """Power-iterate every stale SN weight of ``model`` in one multi-tensor launch per group.
+
+    Only layers in training mode whose weight changed since their last update (or all, with
+    ``force``) are updated. Returns how many weights were updated.
+    """
+    pairs = [(sn, w) for sn, w in spectral_norm_layers(model)
+             if sn.training and (force or sn.is_stale(w))]
+    if pairs:
+        _power_iterate(pairs, check_finite)
+    return len(pairs)
+
+
+def _fused_pre_hook(module: nn.Module, args) -> None:
+    if module.training:
+        update_spectral_norms(module)
+
+
+def fuse_spectral_norms(model: nn.Module) -> nn.Module:
+    """Update all SN weights of ``model`` together, once per weight update, before its forward.
+
+    Installs a forward pre-hook on ``model`` (idempotent). The layers keep working alone too.
+    """
+    for sn, _ in spectral_norm_layers(model):
+        sn._fused = True
+    if not getattr(model, "_sagan_fast_sn_fused", False):
+        model.register_forward_pre_hook(_fused_pre_hook)
+        model._sagan_fast_sn_fused = True
+    return model
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
+                  eps: float = 1e-12, dim: int | None = None, *, backend: str | None = None) -> nn.Module:
+    """Spectral normalization of ``module.<name>``: torch's signature and state-dict keys.
+
+    ``dim`` defaults to 1 for transposed convolutions and 0 otherwise. ``backend`` picks the
+    kernels (``None``: the ``SAGAN_FAST_BACKEND`` environment variable, default ``auto``).
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is None:
+        dim = reference.default_spectral_norm_dim(module)
+    sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
+    # register_parametrization evaluates the parametrization once (a training-mode forward, so one
+    # power iteration, as torch's does too); the first real forward must iterate again, as torch's.
+    parametrize.register_parametrization(module, name, sn)
+    sn._seen_version = -1
+    return module
