@@ -7,3 +7,7 @@ __all__ = [
     "SpectralNorm", "SpectralNormError", "fuse_spectral_norms", "spectral_norm",
     "spectral_norm_layers", "update_spectral_norms",
 ]
+
+from .attention import SelfAttention2d  # noqa: E402
+
+__all__ += ["SelfAttention2d"]
