@@ -1,0 +1,480 @@
+"""Spectral norm in Triton: a multi-tensor power iteration and a fused W / sigma with its backward.
+
+Every weight is seen as an (A, B, C) view of its contiguous storage with B the SN dim (A = product
+of the sizes before ``dim``, C = product after), so the (B, K = A*C) matrix of torch's
+``weight_to_matrix`` is ``M[b, a*C + c] = W[a, b, c]`` for any ``dim`` (dim 1: transposed convs).
+
+Power iteration, all weights of a group in three launches whatever their number and shapes
+(tables of pointers and sizes, as apex's multi_tensor_apply): with t = W v, s = W^T u,
+
+1. ``_matvec_kernel``:   t = W v                      (one pass over W, split over row blocks
+                                                       and column chunks, partial sums to a workspace)
+2. ``_rmatvec_kernel``:  u = t / max(|t|, eps), s = W^T u (one pass; writes u)
+3. ``_finalize_kernel``: v = s / max(|s|, eps), sigma = u . W v = s . v = |s|^2 / max(|s|, eps)
+
+(n_power_iterations > 1 repeats 1-2, reading v from s.) Each program re-derives the norm it needs
+from the small workspace, so there is no grid-wide sync and no atomics: results are deterministic.
+Reductions run in float32 (float64 for float64 weights) whatever the weight's dtype.
+
+Normalize: forward ``W / sigma`` (one launch); backward, with u, v constant,
+``dW = (G - <G, W_sn> u v^T) / sigma`` with <G, W_sn> = <G, W> / sigma: a partial-sum launch and
+one fused elementwise launch.
+
+Ops are registered as ``sagan_fast_triton::sn_power_iteration_`` and ``sagan_fast_triton::sn_normalize``
+(+ fake and autograd) so torch.compile traces them as opaque nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["power_iteration_", "normalize", "normalize_backward"]
+
+# Work per program in the power iteration (elements of W). Big enough to amortize the per-program
+# vector norms, small enough that SAGAN-128's largest weights spread over many SMs.
+_ELEMS_PER_PROGRAM = 1 << 17
+_BLOCK_R = 16    # rows of W per tile
+_BLOCK_K = 128   # columns of W per tile (the contiguous direction for dim 0)
+_BLOCK_EW = 1024  # elements per program in the elementwise kernels
+_MAX_PARTIALS = 512  # programs of the <G, W> reduction; every backward program sums them all
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
+
+# Columns of the per-weight int32 table `meta`.
+_M_B, _M_C, _M_K, _M_NCS, _M_NRS, _M_TOFF, _M_SOFF, _M_KCHUNK, _M_RCHUNK = range(9)
+_META_COLS = 9
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sum_splits(part_ptr, base, n_splits, stride, idx, mask, ACC: tl.constexpr):
+    """sum over s < n_splits of part[base + s * stride + idx]: a vector from its partial sums."""
+    total = tl.zeros(idx.shape, ACC)
+    for sp in range(0, n_splits):
+        total += tl.load(part_ptr + base + sp * stride + idx, mask=mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _inv_norm(part_ptr, base, n_splits, n, eps, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """1 / max(|x|, eps) for the vector x of length n stored as n_splits partial sums."""
+    ss = tl.zeros([BLOCK], ACC)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = _sum_splits(part_ptr, base, n_splits, n, idx, idx < n, ACC)
+        ss += x * x
+    return 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), eps)
+
+
+@triton.jit
+def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
+                   W_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                   V_FROM_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial t = W v over rows [r0, r0 + BLOCK_R) and one column chunk; v from its buffer or,
+    after the first iteration, v = s / max(|s|, eps) from the workspace."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * 3)
+    r0 = tl.load(items_ptr + pid * 3 + 1)
+    split = tl.load(items_ptr + pid * 3 + 2)
+    meta = meta_ptr + wid * 9
+    B = tl.load(meta + 0)
+    C = tl.load(meta + 1).to(tl.int64)
+    K = tl.load(meta + 2)
+    n_rsplit = tl.load(meta + 4)
+    t_off = tl.load(meta + 5)
+    s_off = tl.load(meta + 6)
+    k_chunk = tl.load(meta + 7)
+    w_ptr = tl.load(ptrs_ptr + wid * 3).to(tl.pointer_type(W_DTYPE))
+    v_ptr = tl.load(ptrs_ptr + wid * 3 + 2).to(tl.pointer_type(V_DTYPE))
+
+    if V_FROM_S:
+        v_scale = _inv_norm(s_part_ptr, s_off, n_rsplit, K, eps, ACC, BLOCK_K)
+    rows = r0 + tl.arange(0, BLOCK_R)
+    row_mask = rows < B
+    row_offs = rows.to(tl.int64) * C
+    k_start = split * k_chunk
+    k_end = tl.minimum(k_start + k_chunk, K)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    for k in range(k_start, k_end, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        col_mask = cols < k_end
+        a = cols.to(tl.int64) // C
+        col_offs = a * B * C + (cols - a * C)
+        if V_FROM_S:
+            vec = _sum_splits(s_part_ptr, s_off, n_rsplit, K, cols, col_mask, ACC) * v_scale
+        else:
+            vec = tl.load(v_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + row_offs[:, None] + col_offs[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += w.to(ACC) * vec[None, :]
+    tl.store(t_part_ptr + t_off + split * B + rows, tl.sum(acc, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
+                    W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u = t / max(|t|, eps) (written by the weight's first program); partial s = W^T u over
+    columns [c0, c0 + BLOCK_K) and one row chunk."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * 3)
+    c0 = tl.load(items_ptr + pid * 3 + 1)
+    split = tl.load(items_ptr + pid * 3 + 2)
+    meta = meta_ptr + wid * 9
+    B = tl.load(meta + 0)
+    C = tl.load(meta + 1).to(tl.int64)
+    K = tl.load(meta + 2)
+    n_csplit = tl.load(meta + 3)
+    t_off = tl.load(meta + 5)
+    s_off = tl.load(meta + 6)
+    r_chunk = tl.load(meta + 8)
+    w_ptr = tl.load(ptrs_ptr + wid * 3).to(tl.pointer_type(W_DTYPE))
+    u_ptr = tl.load(ptrs_ptr + wid * 3 + 1).to(tl.pointer_type(U_DTYPE))
+
+    u_scale = _inv_norm(t_part_ptr, t_off, n_csplit, B, eps, ACC, BLOCK_R)
+    if (c0 == 0) & (split == 0):
+        for r in range(0, B, BLOCK_R):
+            idx = r + tl.arange(0, BLOCK_R)
+            m = idx < B
+            t = _sum_splits(t_part_ptr, t_off, n_csplit, B, idx, m, ACC)
+            tl.store(u_ptr + idx, (t * u_scale).to(U_DTYPE), mask=m)
+
+    cols = c0 + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    a = cols.to(tl.int64) // C
+    col_offs = a * B * C + (cols - a * C)
+    r_start = split * r_chunk
+    r_end = tl.minimum(r_start + r_chunk, B)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
+    for r in range(r_start, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        row_mask = rows < r_end
+        u = _sum_splits(t_part_ptr, t_off, n_csplit, B, rows, row_mask, ACC) * u_scale
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * C + col_offs[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += w.to(ACC) * u[:, None]
+    tl.store(s_part_ptr + s_off + split * K + cols, tl.sum(acc, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _finalize_kernel(ptrs_ptr, meta_ptr, s_part_ptr, sigma_ptr, eps,
+                     V_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per weight: v = s / max(|s|, eps); sigma = |s|^2 / max(|s|, eps) (= u . W v)."""
+    wid = tl.program_id(0)
+    meta = meta_ptr + wid * 9
+    K = tl.load(meta + 2)
+    n_rsplit = tl.load(meta + 4)
+    s_off = tl.load(meta + 6)
+    v_ptr = tl.load(ptrs_ptr + wid * 3 + 2).to(tl.pointer_type(V_DTYPE))
+    ss = tl.zeros([BLOCK], ACC)
+    for start in range(0, K, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        s = _sum_splits(s_part_ptr, s_off, n_rsplit, K, idx, idx < K, ACC)
+        ss += s * s
+    sq = tl.sum(ss, axis=0)
+    denom = tl.maximum(tl.sqrt(sq), eps)
+    for start in range(0, K, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < K
+        s = _sum_splits(s_part_ptr, s_off, n_rsplit, K, idx, m, ACC)
+        tl.store(v_ptr + idx, (s / denom).to(V_DTYPE), mask=m)
+    tl.store(sigma_ptr + wid, sq / denom)
+
+
+@triton.jit
+def _scale_kernel(w_ptr, sigma_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = W / sigma, sigma read on the device (no sync)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    sigma = tl.load(sigma_ptr)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, (w.to(sigma.dtype) / sigma).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dot_partials_kernel(g_ptr, w_ptr, part_ptr, numel, chunk, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """part[pid] = sum of G * W over this program's chunk (float32 / float64)."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, numel)
+    acc = tl.zeros([BLOCK], ACC)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < end
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
+        acc += g * w
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _normalize_backward_kernel(g_ptr, u_ptr, v_ptr, sigma_ptr, part_ptr, out_ptr, numel, n_parts,
+                               B, C, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dW = (G - <G, W_sn> u v^T) / sigma with <G, W_sn> = sum(partials) / sigma, at (a, b, c)."""
+    p = tl.arange(0, BLOCK_P)
+    gw = tl.sum(tl.load(part_ptr + p, mask=p < n_parts, other=0.0), axis=0)
+    sigma = tl.load(sigma_ptr).to(ACC)
+    inner = gw / sigma
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    BC = B.to(tl.int64) * C
+    a = offs // BC
+    rem = offs - a * BC
+    b = rem // C
+    c = rem - b * C
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+    u = tl.load(u_ptr + b, mask=m, other=0.0).to(ACC)
+    v = tl.load(v_ptr + a * C + c, mask=m, other=0.0).to(ACC)
+    tl.store(out_ptr + offs, ((g - inner * u * v) / sigma).to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: tables, launches
+# ------------------------------------------------------------------------------------------------
+
+def _abc(shape: Sequence[int], dim: int) -> tuple[int, int, int]:
+    A = 1
+    for s in shape[:dim]:
+        A *= s
+    C = 1
+    for s in shape[dim + 1:]:
+        C *= s
+    return A, shape[dim], C
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Plan:
+    """Device tables for one list of (weight, u, v, dim): built once, reused while pointers hold."""
+
+    def __init__(self, weights, us, vs, dims, device):
+        meta, ptrs, items_mv, items_rmv = [], [], [], []
+        t_size = s_size = 0
+        for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
+            A, B, C = _abc(w.shape, d)
+            K = A * C
+            # Column chunks for W v: each program covers ~_ELEMS_PER_PROGRAM elements.
+            n_cs = max(1, min(_cdiv(_BLOCK_R * K, _ELEMS_PER_PROGRAM), _cdiv(K, _BLOCK_K)))
+            k_chunk = _cdiv(_cdiv(K, n_cs), _BLOCK_K) * _BLOCK_K
+            n_cs = _cdiv(K, k_chunk)
+            # Row chunks for W^T u, likewise.
+            n_rs = max(1, min(_cdiv(_BLOCK_K * B, _ELEMS_PER_PROGRAM), _cdiv(B, _BLOCK_R)))
+            r_chunk = _cdiv(_cdiv(B, n_rs), _BLOCK_R) * _BLOCK_R
+            n_rs = _cdiv(B, r_chunk)
+            meta.append([B, C, K, n_cs, n_rs, t_size, s_size, k_chunk, r_chunk])
+            ptrs.append([w.data_ptr(), u.data_ptr(), v.data_ptr()])
+            items_mv += [[i, r0, sp] for r0 in range(0, B, _BLOCK_R) for sp in range(n_cs)]
+            items_rmv += [[i, c0, sp] for c0 in range(0, K, _BLOCK_K) for sp in range(n_rs)]
+            t_size += n_cs * B
+            s_size += n_rs * K
+        for rows in (meta, items_mv, items_rmv):
+            if max(max(r) for r in rows) >= 2**31:
+                raise ValueError("spectral norm (triton): a weight is too large for 32-bit tables")
+        self.meta = torch.tensor(meta, dtype=torch.int32).to(device, non_blocking=True)
+        self.ptrs = torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
+        self.items_mv = torch.tensor(items_mv, dtype=torch.int32).to(device, non_blocking=True)
+        self.items_rmv = torch.tensor(items_rmv, dtype=torch.int32).to(device, non_blocking=True)
+        self.n_mv, self.n_rmv = len(items_mv), len(items_rmv)
+        self.t_size, self.s_size = t_size, s_size
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 64
+
+
+def _plan_for(weights, us, vs, dims) -> _Plan:
+    key = tuple((w.data_ptr(), u.data_ptr(), v.data_ptr(), tuple(w.shape), d)
+                for w, u, v, d in zip(weights, us, vs, dims)) + (str(weights[0].device),)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()  # pointers of freed tensors; rebuilding is cheap
+        plan = _PLANS[key] = _Plan(weights, us, vs, dims, weights[0].device)
+    return plan
+
+
+def _check_vectors(weights, us, vs) -> None:
+    for w, u, v in zip(weights, us, vs):
+        for name, x in (("u", u), ("v", v)):
+            if x.stride(0) != 1 and x.numel() > 1:
+                raise ValueError(f"spectral norm (triton): {name} must be contiguous to be updated in "
+                                 f"place, got stride {x.stride()}")
+            if x.dtype not in _TL_DTYPES:
+                raise TypeError(f"spectral norm (triton): {name} has unsupported dtype {x.dtype}")
+        if w.dtype not in _TL_DTYPES:
+            raise TypeError(f"spectral norm (triton): weight has unsupported dtype {w.dtype}; "
+                            f"supported: {', '.join(map(str, _TL_DTYPES))}")
+
+
+def _power_iteration_group(weights, us, vs, dims, n_power_iterations, eps) -> torch.Tensor:
+    """One (weight dtype, u dtype, v dtype) group: 2 * n_power_iterations + 1 launches."""
+    device = weights[0].device
+    acc = _acc_dtype(weights[0].dtype)
+    plan = _plan_for(weights, us, vs, dims)
+    t_part = torch.empty(plan.t_size, device=device, dtype=acc)
+    s_part = torch.empty(plan.s_size, device=device, dtype=acc)
+    sigmas = torch.empty(len(weights), device=device, dtype=acc)
+    w_t, u_t, v_t, acc_t = (_TL_DTYPES[weights[0].dtype], _TL_DTYPES[us[0].dtype],
+                            _TL_DTYPES[vs[0].dtype], _TL_DTYPES[acc])
+    for it in range(n_power_iterations):
+        _matvec_kernel[(plan.n_mv,)](plan.items_mv, plan.ptrs, plan.meta, t_part, s_part, eps,
+                                     W_DTYPE=w_t, V_DTYPE=v_t, ACC=acc_t, V_FROM_S=it > 0,
+                                     BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+        _rmatvec_kernel[(plan.n_rmv,)](plan.items_rmv, plan.ptrs, plan.meta, t_part, s_part, eps,
+                                       W_DTYPE=w_t, U_DTYPE=u_t, ACC=acc_t,
+                                       BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+    _finalize_kernel[(len(weights),)](plan.ptrs, plan.meta, s_part, sigmas, eps,
+                                      V_DTYPE=v_t, ACC=acc_t, BLOCK=1024)
+    return sigmas
+
+
+def _power_iteration_impl(weights, us, vs, dims, n_power_iterations, eps) -> torch.Tensor:
+    _check_vectors(weights, us, vs)
+    # Non-contiguous weights (channels_last convs) are read from a contiguous copy: correct, one
+    # extra pass; the kernels index the (A, B, C) view of contiguous storage.
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+        groups.setdefault((w.dtype, u.dtype, v.dtype), []).append(i)
+    if len(groups) == 1:
+        return _power_iteration_group(weights, us, vs, dims, n_power_iterations, eps).to(out_dtype)
+    sigmas = torch.empty(len(weights), device=weights[0].device, dtype=out_dtype)
+    for idx in groups.values():
+        sigmas[idx] = _power_iteration_group([weights[i] for i in idx], [us[i] for i in idx],
+                                             [vs[i] for i in idx], [dims[i] for i in idx],
+                                             n_power_iterations, eps).to(out_dtype)
+    return sigmas
+
+
+@torch.library.custom_op("sagan_fast_triton::sn_power_iteration_", mutates_args=("us", "vs"))
+def _power_iteration_op(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                        dims: list[int], n_power_iterations: int, eps: float) -> torch.Tensor:
+    return _power_iteration_impl(weights, us, vs, dims, n_power_iterations, eps)
+
+
+@_power_iteration_op.register_fake
+def _(weights, us, vs, dims, n_power_iterations, eps):
+    dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    return weights[0].new_empty(len(weights), dtype=dtype)
+
+
+def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
+                     vs: Sequence[torch.Tensor], dims: Sequence[int], n_power_iterations: int,
+                     eps: float) -> torch.Tensor:
+    """u, v of every weight updated in place (torch's order); returns sigmas (L,) = u . W v.
+
+    Inputs are checked by :func:`sagan_fast.ops.spectral_norm.spectral_norm_power_iteration_`.
+    """
+    return _power_iteration_op(list(weights), list(us), list(vs), [int(d) for d in dims],
+                               int(n_power_iterations), float(eps))
+
+
+# --- normalize ----------------------------------------------------------------------------------
+
+def _normalize_forward_impl(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    w = weight.contiguous()
+    out = torch.empty_like(w)
+    numel = w.numel()
+    _scale_kernel[(_cdiv(numel, _BLOCK_EW),)](w, sigma, out, numel, BLOCK=_BLOCK_EW)
+    return out
+
+
+def _normalize_backward_impl(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
+                             v: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    g, w = grad.contiguous(), weight.contiguous()
+    numel = w.numel()
+    acc = _acc_dtype(w.dtype)
+    n_parts = min(_cdiv(numel, _BLOCK_EW), _MAX_PARTIALS)
+    chunk = _cdiv(_cdiv(numel, n_parts), _BLOCK_EW) * _BLOCK_EW
+    n_parts = _cdiv(numel, chunk)
+    partials = torch.empty(n_parts, device=w.device, dtype=acc)
+    _dot_partials_kernel[(n_parts,)](g, w, partials, numel, chunk, ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_EW)
+    _, B, C = _abc(w.shape, dim)
+    out = torch.empty_like(w)
+    _normalize_backward_kernel[(_cdiv(numel, _BLOCK_EW),)](
+        g, u.contiguous(), v.contiguous(), sigma, partials, out, numel, n_parts, B, C,
+        ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_EW, BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
+    return out
+
+
+@torch.library.custom_op("sagan_fast_triton::sn_normalize", mutates_args=())
+def _normalize_op(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+                  dim: int) -> torch.Tensor:
+    return _normalize_forward_impl(weight, sigma)
+
+
+@_normalize_op.register_fake
+def _(weight, u, v, sigma, dim):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sagan_fast_triton::sn_normalize_backward", mutates_args=())
+def _normalize_backward_op(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                           sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    return _normalize_backward_impl(grad, weight, u, v, sigma, dim)
+
+
+@_normalize_backward_op.register_fake
+def _(grad, weight, u, v, sigma, dim):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _normalize_setup_context(ctx, inputs, output):
+    weight, u, v, sigma, dim = inputs
+    ctx.save_for_backward(weight, u, v, sigma)
+    ctx.dim = dim
+
+
+def _normalize_backward(ctx, grad):
+    weight, u, v, sigma = ctx.saved_tensors
+    grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_weight = _normalize_backward_op(grad, weight, u, v, sigma, ctx.dim)
+    return grad_weight, None, None, None, None
+
+
+_normalize_op.register_autograd(_normalize_backward, setup_context=_normalize_setup_context)
+
+
+def _check_normalize(weight: torch.Tensor, sigma: torch.Tensor) -> None:
+    if weight.dtype not in _TL_DTYPES:
+        raise TypeError(f"spectral_norm_normalize (triton): unsupported weight dtype {weight.dtype}")
+    if not isinstance(sigma, torch.Tensor) or sigma.numel() != 1 or not sigma.is_floating_point():
+        raise ValueError("spectral_norm_normalize (triton): sigma must be a one-element floating tensor, "
+                         f"got {sigma!r}")
+    if sigma.device != weight.device:
+        raise ValueError(f"spectral_norm_normalize (triton): sigma is on {sigma.device} but the weight "
+                         f"is on {weight.device}")
+
+
+def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+              dim: int) -> torch.Tensor:
+    """``weight / sigma``; backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant.
+
+    The result is contiguous. Inputs are checked by :func:`sagan_fast.ops.spectral_norm.spectral_norm_normalize`.
+    """
+    _check_normalize(weight, sigma)
+    sigma = sigma.reshape(()).to(_acc_dtype(weight.dtype))
+    return _normalize_op(weight, u, v, sigma, int(dim))
+
+
+def normalize_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                       sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """The closed-form backward alone (for tests and benchmarks)."""
+    sigma = sigma.reshape(()).to(_acc_dtype(weight.dtype))
+    return _normalize_backward_op(grad, weight, u, v, sigma, int(dim))
