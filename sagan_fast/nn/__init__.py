@@ -11,3 +11,8 @@ __all__ = [
 from .attention import SelfAttention2d  # noqa: E402
 
 __all__ += ["SelfAttention2d"]
+
+from .layers import (ConditionalBatchNorm2d, SNConv2d, SNConvTranspose2d, SNEmbedding,  # noqa: E402
+                     SNLinear)
+
+__all__ += ["ConditionalBatchNorm2d", "SNConv2d", "SNConvTranspose2d", "SNEmbedding", "SNLinear"]
