@@ -129,3 +129,4 @@ def resolve_backend(backend: str | None, *tensors, op: str) -> str:
 # Which compiled backend `auto` prefers for each op on CUDA tensors (measured in bench/).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 AUTO_ORDER.update(spectral_norm_power_iteration=("triton", "cuda"), spectral_norm_normalize=("triton", "cuda"))  # noqa: E501  (unmeasured: no GPU yet)
+AUTO_ORDER["sagan_attention"] = ("triton", "cuda")  # not yet measured side by side on a GPU

@@ -1,0 +1,489 @@
+"""Memory-efficient SAGAN attention in Triton: out = softmax(scale * q k^T) v, forward and backward.
+
+q (B, N, E), k (B, Nk, E), v (B, Nk, Ev) -> out (B, N, Ev); E != Ev (SAGAN: E = C/8, Ev = C or C/2).
+
+Forward (flash-style): each program owns BLOCK_M query rows and one BLOCK_DV slice of the value
+channels, streams the keys in blocks with an online softmax (exp2, fp32 statistics and
+accumulator) and writes its output slice plus one natural-log logsumexp per row. No B x N x Nk
+tensor exists. When Ev needs several slices, each slice recomputes q k^T: that costs E / BLOCK_DV
+of the p v work (E = 32 against 256 in SAGAN), cheaper than holding a B x N x Ev accumulator.
+
+Backward (recompute from the logsumexp, delta = rowsum(dO * O) first), three kernels, no atomics:
+- dv: one program per (key block, value slice) sums p^T dO over all query blocks;
+- dk: one program per key block sums ds^T q, ds = p * (dO v^T - delta);
+- dq: one program per query block sums ds k.
+dO v^T is reduced over Ev in BLOCK_DV chunks, so any Ev fits.
+
+Strides are arbitrary (stride 0 and the channel-major view ``h.flatten(2).transpose(1, 2)`` of a
+1x1-conv output are read in place). The output takes v's layout: channel-major values give a
+channel-major output, so ``out.transpose(1, 2).reshape(B, Ev, H, W)`` is free. Gradients take the
+layout of their input (``empty_like``).
+
+Precision: every dot accumulates in fp32. fp16 / bf16 inputs feed the tensor cores in their own
+dtype (p and ds are rounded to it before their dots, as flash-attention does). fp32 dots are IEEE
+fp32 by default (they must stay within 2x of PyTorch's own fp32 error, which TF32 would not);
+``allow_tf32=True`` (or ``torch.backends.cuda.matmul.allow_tf32`` when left as None) turns TF32
+on. fp64 runs in fp64 (used by gradcheck).
+
+Registered as ``torch.ops.sagan_fast_triton.attention_fwd`` / ``attention_bwd`` (custom_op +
+register_fake + register_autograd), so torch.compile traces it as one opaque op.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreter_enabled
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+MAX_E = 128
+MAX_EV = 512
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qn, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_ob, stride_on, stride_oe,
+    N, NK, E, EV, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    # int64 batch offsets: B * N * Ev can pass 2**31 elements.
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < N
+    mask_e = offs_e < E
+    mask_dv = offs_dv < EV
+
+    q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
+                mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+    k_base = K + off_b * stride_kb + offs_e[None, :] * stride_ke
+    v_base = V + off_b * stride_vb + offs_dv[None, :] * stride_ve
+
+    # Running max (log2 units), running sum, accumulator: the online softmax state.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < NK
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # m_new is finite: every key block holds at least one valid key.
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
+                                            out_dtype=ACC)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + off_b * stride_ob + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_oe
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+    if pid_dv == 0:
+        # Base-2 logsumexp of scale * q k^T: the backward exponentiates it with exp2 again, so
+        # no ln 2 / log2 e round trip (rounded to fp32 by Triton) breaks the fp64 path's consistency.
+        tl.store(LSE + off_b * N + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_on, stride_oe,
+    stride_dob, stride_don, stride_doe,
+    N, EV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
+    """delta[b, i] = sum_c dO[b, i, c] * O[b, i, c] in fp32: the softmax backward's row term."""
+    pid_m = tl.program_id(0)
+    off_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    delta = tl.zeros([BLOCK_M], dtype=ACC)
+    for start_c in range(0, EV, BLOCK_DV):
+        offs_c = start_c + tl.arange(0, BLOCK_DV)
+        mask = mask_m[:, None] & (offs_c < EV)[None, :]
+        o = tl.load(O + off_b * stride_ob + offs_m[:, None] * stride_on + offs_c[None, :] * stride_oe,
+                    mask=mask, other=0.0).to(ACC)
+        do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + offs_c[None, :] * stride_doe,
+                     mask=mask, other=0.0).to(ACC)
+        delta += tl.sum(o * do, 1)
+    tl.store(DELTA + off_b * N + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe, stride_vn,
+              stride_ve, EV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dO[rows] v[cols]^T (BLOCK_M, BLOCK_N) in fp32, reduced over Ev in BLOCK_DV chunks."""
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for start_c in range(0, EV, BLOCK_DV):
+        offs_c = start_c + tl.arange(0, BLOCK_DV)
+        mask_c = offs_c < EV
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_c[None, :] * stride_doe,
+                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_c[None, :] * stride_ve,
+                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        dp += tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC)
+    return dp
+
+
+@triton.jit
+def _attn_bwd_dv_kernel(
+    Q, K, DO, LSE, DV,
+    stride_qb, stride_qn, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_dob, stride_don, stride_doe,
+    stride_dvb, stride_dvn, stride_dve,
+    N, NK, E, EV, qk_scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dv[cols, slice] = sum over query rows of p^T dO[:, slice]; p recomputed from the lse."""
+    pid_n = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_n = cols < NK
+    mask_e = offs_e < E
+    mask_dv = offs_dv < EV
+    k = tl.load(K + off_b * stride_kb + cols[:, None] * stride_kn + offs_e[None, :] * stride_ke,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
+                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+        # +inf lse on padded rows makes their p exactly 0.
+        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_doe,
+                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    tl.store(DV + off_b * stride_dvb + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dve,
+             acc.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+
+
+@triton.jit
+def _attn_bwd_dk_kernel(
+    Q, K, V, DO, LSE, DELTA, DK,
+    stride_qb, stride_qn, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_dob, stride_don, stride_doe,
+    stride_dkb, stride_dkn, stride_dke,
+    N, NK, E, EV, qk_scale_log2, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dk[cols] = scale * sum over query rows of ds^T q, ds = p * (dO v^T - delta)."""
+    pid_n = tl.program_id(0)
+    off_b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_n = cols < NK
+    mask_e = offs_e < E
+    k = tl.load(K + off_b * stride_kb + cols[:, None] * stride_kn + offs_e[None, :] * stride_ke,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    do_base = DO + off_b * stride_dob
+    v_base = V + off_b * stride_vb
+    acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
+                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe,
+                       stride_vn, stride_ve, EV, BLOCK_M, BLOCK_N, BLOCK_DV, INPUT_PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    acc = acc * scale
+    tl.store(DK + off_b * stride_dkb + cols[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
+             acc.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qn, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_dob, stride_don, stride_doe,
+    stride_dqb, stride_dqn, stride_dqe,
+    N, NK, E, EV, qk_scale_log2, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dq[rows] = scale * sum over key blocks of ds k."""
+    pid_m = tl.program_id(0)
+    off_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < N
+    mask_e = offs_e < E
+    q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
+                mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+    lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+    delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
+    do_base = DO + off_b * stride_dob
+    v_base = V + off_b * stride_vb
+    k_base = K + off_b * stride_kb + offs_e[None, :] * stride_ke
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < NK
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe,
+                       stride_vn, stride_ve, EV, BLOCK_M, BLOCK_N, BLOCK_DV, INPUT_PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    acc = acc * scale
+    tl.store(DQ + off_b * stride_dqb + offs_m[:, None] * stride_dqn + offs_e[None, :] * stride_dqe,
+             acc.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_e[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile sizes
+# ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tiles(E: int, Ev: int, dtype: torch.dtype, interpreted: bool) -> dict:
+    """Block sizes and launch settings per kernel (fixed heuristics; not autotuned yet).
+
+    Under the interpreter blocks are small (32) so that the odd test shapes span several blocks
+    and Ev = 40 spans two value slices. On a GPU: 64-row blocks; the value slice is at most 128
+    wide in fp32 (register pressure of the fp32 accumulator), 256 in 16-bit, 64 in fp64; dO v^T
+    is reduced in 64-wide chunks (128 spilled registers in the bf16 dk / dq kernels for sm_90).
+    """
+    block_e = max(16, triton.next_power_of_2(E))
+    if interpreted:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e, BLOCK_DV=min(32, max(16, triton.next_power_of_2(Ev))),
+                    num_warps=4, num_stages=1, dv_chunk=32)
+    wide = dtype in (torch.float16, torch.bfloat16)
+    block_dv = min(256 if wide else 128, max(16, triton.next_power_of_2(Ev)))
+    if dtype == torch.float64:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e, BLOCK_DV=min(block_dv, 64),
+                    num_warps=4, num_stages=1, dv_chunk=min(block_dv, 64))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=block_e, BLOCK_DV=block_dv,
+                num_warps=8 if block_dv >= 128 else 4, num_stages=2,
+                dv_chunk=min(block_dv, 64))
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators, logsumexp and delta: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    # "ieee" for every non-fp32 dtype: the argument only changes fp32 dots.
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+# ------------------------------------------------------------------------------------------------
+# Host wrappers
+# ------------------------------------------------------------------------------------------------
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What this backend needs beyond sagan_fast.ops.attention.check_attention_inputs."""
+    from ..attention import check_attention_inputs
+    check_attention_inputs(q, k, v)
+    dev = q.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and triton_interpreter_enabled()):
+        raise ValueError(f"triton sagan_attention: tensors must be on a CUDA device (or on the CPU with "
+                         f"TRITON_INTERPRET=1), got {dev}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"triton sagan_attention: dtype {q.dtype} not supported; use one of {_DTYPES}")
+    if dev.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("triton sagan_attention: bfloat16 is not supported under the Triton CPU "
+                        "interpreter (its bf16 dots are wrong); use float16 or float32 there")
+    E, Ev = q.shape[2], v.shape[2]
+    if E > MAX_E:
+        raise ValueError(f"triton sagan_attention: query/key dim E={E} exceeds the supported {MAX_E}")
+    if Ev > MAX_EV:
+        raise ValueError(f"triton sagan_attention: value dim Ev={Ev} exceeds the supported {MAX_EV}")
+
+
+def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, N, Ev) in v's layout: channel-major when v is a channel-major view, else row-major."""
+    B, N, Ev = q.shape[0], q.shape[1], v.shape[2]
+    if v.stride(1) == 1 and v.stride(2) != 1 and Ev > 1:
+        return torch.empty((B, Ev, N), dtype=v.dtype, device=v.device).transpose(1, 2)
+    return torch.empty((B, N, Ev), dtype=v.dtype, device=v.device)
+
+
+def _grid_device(t: torch.Tensor):
+    """Launch on the tensors' CUDA device (not the current one)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _forward(q, k, v, scale: float, allow_tf32: bool):
+    B, N, E = q.shape
+    Nk, Ev = k.shape[1], v.shape[2]
+    out = _empty_out(q, v)
+    lse = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
+    t = _tiles(E, Ev, q.dtype, q.device.type == "cpu")
+    grid = (triton.cdiv(N, t["BLOCK_M"]), triton.cdiv(Ev, t["BLOCK_DV"]), B)
+    with _grid_device(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            N, Nk, E, Ev, float(scale) * LOG2E,
+            BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"], BLOCK_DV=t["BLOCK_DV"],
+            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), ACC=_acc(q.dtype),
+            num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, scale: float, allow_tf32: bool):
+    B, N, E = q.shape
+    Nk, Ev = k.shape[1], v.shape[2]
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    t = _tiles(E, Ev, q.dtype, q.device.type == "cpu")
+    ip = _input_precision(q.dtype, allow_tf32)
+    blocks = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"])
+    launch = dict(num_warps=t["num_warps"], num_stages=t["num_stages"], ACC=_acc(q.dtype))
+    qk_scale_log2 = float(scale) * LOG2E
+    delta = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    with _grid_device(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
+            out, dout, delta, *out.stride(), *dout.stride(), N, Ev,
+            BLOCK_M=t["BLOCK_M"], BLOCK_DV=t["dv_chunk"], ACC=_acc(q.dtype), num_warps=4)
+        _attn_bwd_dv_kernel[(triton.cdiv(Nk, t["BLOCK_N"]), triton.cdiv(Ev, t["BLOCK_DV"]), B)](
+            q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
+            N, Nk, E, Ev, qk_scale_log2, BLOCK_DV=t["BLOCK_DV"], INPUT_PRECISION=ip, **blocks, **launch)
+        _attn_bwd_dk_kernel[(triton.cdiv(Nk, t["BLOCK_N"]), B)](
+            q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale),
+            BLOCK_DV=t["dv_chunk"], INPUT_PRECISION=ip, **blocks, **launch)
+        _attn_bwd_dq_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
+            q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale),
+            BLOCK_DV=t["dv_chunk"], INPUT_PRECISION=ip, **blocks, **launch)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration (namespace sagan_fast_triton; the C++ extension owns sagan_fast)
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sagan_fast_triton::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, N, Ev) in v's layout, lse (B, N): base-2 logsumexp of scale * q k^T, fp32 (fp64 for fp64))."""
+    check_inputs(q, k, v)
+    return _forward(q, k, v, scale, allow_tf32)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, scale, allow_tf32):
+    return _empty_out(q, v), q.new_empty((q.shape[0], q.shape[1]), dtype=_stats_dtype(q.dtype))
+
+
+@torch.library.custom_op("sagan_fast_triton::attention_bwd", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, scale: float,
+                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each in its input's layout."""
+    if dout.shape != out.shape:
+        raise ValueError(f"triton sagan_attention backward: grad shape {tuple(dout.shape)} != output "
+                         f"shape {tuple(out.shape)}")
+    return _backward(dout, q, k, v, out, lse, scale, allow_tf32)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, allow_tf32):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.allow_tf32 = scale, allow_tf32
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.allow_tf32)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_attention_fwd_backward, setup_context=_setup_context)
+
+
+def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
+                    allow_tf32: bool | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T) v over keys, (B, N, E), (B, Nk, E), (B, Nk, Ev) -> (B, N, Ev).
+
+    Differentiable in q, k and v (not twice). ``allow_tf32`` (fp32 inputs only): None follows
+    ``torch.backends.cuda.matmul.allow_tf32`` (False by default in PyTorch).
+    """
+    check_inputs(q, k, v)
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    out, _ = attention_fwd(q, k, v, float(scale), bool(allow_tf32))
+    return out
+
+
+def sagan_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
+                             allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) with lse the natural-log logsumexp per query row (B, N), not differentiable.
+
+    What the forward stores for the backward (in base 2), for tests and debugging.
+    """
+    check_inputs(q, k, v)
+    out, lse2 = attention_fwd(q, k, v, float(scale), bool(allow_tf32))
+    return out, lse2 * LN2
