@@ -1,0 +1,172 @@
+"""Drop-in layers: SN layers match torch's layer + torch's spectral_norm; ConditionalBatchNorm2d."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+from sagan_fast.nn import (ConditionalBatchNorm2d, SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear,
+                           SpectralNorm, update_spectral_norms)
+from tests.utils import assert_close_report
+
+# (our class, torch class, constructor args and kwargs, an input maker); odd sizes on purpose.
+LAYER_CASES = {
+    "conv2d": (SNConv2d, nn.Conv2d, (3, 5, 3), dict(stride=2, padding=1, bias=False),
+               lambda: torch.randn(2, 3, 9, 7, dtype=torch.float64)),
+    "conv_transpose2d": (SNConvTranspose2d, nn.ConvTranspose2d, (3, 7, 4), dict(stride=2, padding=1),
+                         lambda: torch.randn(2, 3, 5, 3, dtype=torch.float64)),
+    "linear": (SNLinear, nn.Linear, (11, 6), {}, lambda: torch.randn(3, 11, dtype=torch.float64)),
+    "embedding": (SNEmbedding, nn.Embedding, (7, 5), {}, lambda: torch.tensor([0, 6, 3, 3])),
+}
+
+
+def _pair(case: str):
+    ours_cls, torch_cls, args, kwargs, make_input = LAYER_CASES[case]
+    torch.manual_seed(1)
+    ours = ours_cls(*args, **kwargs).double()
+    torch.manual_seed(1)  # same draws: the layer init, then u and v
+    theirs = torch_spectral_norm(torch_cls(*args, **kwargs)).double()
+    return ours, theirs, make_input
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_sn_layer_matches_torch_layer_with_torch_sn(case):
+    ours, theirs, make_input = _pair(case)
+    assert isinstance(ours, LAYER_CASES[case][0])
+    assert isinstance(ours.parametrizations.weight[0], SpectralNorm)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    x = make_input()
+    # Two training steps (each changes the weight, so each forward iterates once in both), then eval.
+    for step in range(2):
+        out_ours, out_theirs = ours(x), theirs(x)
+        # float64 throughout, same ops in the same order up to fusion: 1e-12 is rounding only.
+        assert_close_report(out_ours, out_theirs, atol=1e-12, rtol=1e-10, name=f"{case} step {step}")
+        for out, opt in ((out_ours, opt_ours), (out_theirs, opt_theirs)):
+            opt.zero_grad()
+            out.pow(2).sum().backward()
+            opt.step()
+    g_ours, g_theirs = ours.parametrizations.weight.original, theirs.parametrizations.weight.original
+    assert_close_report(g_ours, g_theirs, atol=1e-12, rtol=1e-10, name=f"{case} weight after 2 steps")
+    ours.eval(), theirs.eval()
+    assert_close_report(ours(x), theirs(x), atol=1e-12, rtol=1e-10, name=f"{case} eval")
+
+
+def test_conv_transpose_normalizes_dim_1_and_sigma_converges_to_one():
+    layer = SNConvTranspose2d(4, 9, 3).double()
+    sn = layer.parametrizations.weight[0]
+    assert sn.dim == 1 and sn._u.shape == (9,) and sn._v.shape == (4 * 3 * 3,)
+    for _ in range(50):
+        update_spectral_norms(layer, force=True)
+    w_sn = layer.weight  # (in, out, kh, kw): the matrix is out x (in*kh*kw)
+    sigma = torch.linalg.matrix_norm(w_sn.transpose(0, 1).flatten(1), ord=2)
+    # 50 power iterations on a random 9 x 36 matrix: the estimate converges geometrically.
+    assert abs(sigma.item() - 1.0) < 1e-6, sigma.item()
+
+
+def test_sn_keyword_arguments_reach_the_parametrization():
+    layer = SNLinear(6, 4, bias=False, n_power_iterations=3, eps=1e-6, sn_dim=1, sn_backend="reference")
+    sn = layer.parametrizations.weight[0]
+    assert (sn.n_power_iterations, sn.eps, sn.dim, sn.backend) == (3, 1e-6, 1, "reference")
+    assert layer.bias is None and sn._u.shape == (6,)
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        SNConv2d(3, 4, 1, n_power_iterations=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# ConditionalBatchNorm2d
+# ----------------------------------------------------------------------------------------------
+
+def _batch_norm_by_hand(x: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def test_conditional_batch_norm_starts_as_plain_batch_norm():
+    cbn = ConditionalBatchNorm2d(5, n_classes=3).double()
+    assert torch.equal(cbn.gain, torch.ones(3, 5, dtype=torch.float64))
+    assert torch.equal(cbn.bias, torch.zeros(3, 5, dtype=torch.float64))
+    x = torch.randn(4, 5, 3, 7, dtype=torch.float64)
+    y = torch.tensor([2, 0, 0, 1])
+    assert_close_report(cbn(x, y), _batch_norm_by_hand(x, 1e-5), atol=1e-12, rtol=1e-10, name="cbn at init")
+
+
+def test_conditional_batch_norm_applies_each_samples_class_gain_and_bias():
+    cbn = ConditionalBatchNorm2d(5, n_classes=3, eps=1e-3).double()
+    with torch.no_grad():
+        cbn.gain.copy_(torch.randn(3, 5))
+        cbn.bias.copy_(torch.randn(3, 5))
+    x = torch.randn(4, 5, 3, 7, dtype=torch.float64) * 3 + 1
+    y = torch.tensor([2, 0, 0, 1])
+    out = cbn(x, y)
+    normalized = _batch_norm_by_hand(x, 1e-3)
+    for b in range(4):  # per sample: its own class's row, broadcast over space
+        expected = cbn.gain[y[b]][:, None, None] * normalized[b] + cbn.bias[y[b]][:, None, None]
+        assert_close_report(out[b], expected, atol=1e-12, rtol=1e-10, name=f"cbn sample {b}")
+    # Only the rows of classes present receive gradient.
+    out.sum().backward()
+    assert cbn.gain.grad[[0, 1, 2]].abs().sum(1).gt(0).all()
+    cbn.zero_grad()
+    cbn(x, torch.tensor([0, 0, 0, 0])).pow(2).sum().backward()
+    assert cbn.gain.grad[1:].abs().max() == 0 and cbn.bias.grad[1:].abs().max() == 0
+    assert cbn.gain.grad[0].abs().min() > 0
+
+
+def test_conditional_batch_norm_eval_uses_shared_running_stats():
+    cbn = ConditionalBatchNorm2d(3, n_classes=2, momentum=1.0).double()  # momentum 1: stats = last batch
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 2 + 3
+    cbn(x, torch.zeros(6, dtype=torch.long))
+    cbn.eval()
+    mean = x.mean(dim=(0, 2, 3))[None, :, None, None]
+    var = x.var(dim=(0, 2, 3), unbiased=True)[None, :, None, None]  # running_var is unbiased (as BN)
+    expected = (x - mean) / torch.sqrt(var + 1e-5)
+    # Both classes share the statistics; gains are 1 and biases 0 still.
+    assert_close_report(cbn(x, torch.ones(6, dtype=torch.long)), expected, atol=1e-12, rtol=1e-10,
+                        name="cbn eval")
+
+
+def test_conditional_batch_norm_channels_last_and_bf16_autocast():
+    cbn = ConditionalBatchNorm2d(4, n_classes=3)
+    x = torch.randn(2, 4, 5, 5)
+    y = torch.tensor([1, 2])
+    expected = cbn(x, y)
+    assert_close_report(cbn(x.to(memory_format=torch.channels_last), y), expected, atol=1e-6, rtol=1e-5,
+                        name="channels_last")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cbn(x.bfloat16(), y)
+    assert torch.isfinite(out).all()
+    # bf16 has an 8-bit mantissa: 2^-8 relative, on values of order 3 after normalization.
+    assert_close_report(out.float(), expected, atol=3e-2, rtol=1e-2, name="autocast")
+
+
+@pytest.mark.parametrize("x_shape, y, error, match", [
+    ((2, 5, 3, 3), torch.tensor([0, 1]), ValueError, r"expects \(B, 4, H, W\)"),
+    ((2, 4, 3), torch.tensor([0, 1]), ValueError, r"expects \(B, 4, H, W\)"),
+    ((2, 4, 3, 3), torch.tensor([0.0, 1.0]), TypeError, "integer class indices"),
+    ((2, 4, 3, 3), torch.tensor([0, 1, 2]), ValueError, r"shape \(2,\)"),
+    ((2, 4, 3, 3), torch.tensor([[0, 1]]), ValueError, r"shape \(2,\)"),
+    ((2, 4, 3, 3), torch.tensor([0, 3]), ValueError, r"in \[0, 3\)"),
+    ((2, 4, 3, 3), torch.tensor([-1, 0]), ValueError, r"in \[0, 3\)"),
+    ((2, 4, 3, 3), None, TypeError, "LongTensor"),
+], ids=["channels", "rank", "float_y", "y_batch", "y_rank", "y_too_big", "y_negative", "y_none"])
+def test_conditional_batch_norm_bad_input(x_shape, y, error, match):
+    cbn = ConditionalBatchNorm2d(4, n_classes=3)
+    with pytest.raises(error, match=match):
+        cbn(torch.randn(x_shape), y)
+
+
+def test_conditional_batch_norm_bad_construction():
+    with pytest.raises(ValueError, match="n_classes"):
+        ConditionalBatchNorm2d(4, n_classes=0)
+
+
+def test_layers_are_exported_and_behave_like_torch_layers():
+    conv = SNConv2d(3, 8, kernel_size=3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    out = conv(x)
+    # The forward is exactly F.conv2d with the normalized weight.
+    assert_close_report(out, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-6, rtol=1e-5,
+                        name="SNConv2d forward")
