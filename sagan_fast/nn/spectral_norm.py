@@ -20,7 +20,13 @@ What differs from torch, on purpose:
 Zero, NaN and Inf weights: eps floors the norms, as torch, so a zero weight gives sigma = 0; the
 update checks every sigma it computes is finite and positive (one device sync per update, for all
 weights of a model at once) and raises :class:`SpectralNormError` naming the weight otherwise.
-Pass ``check_finite=False`` to :func:`update_spectral_norms` to skip that check.
+
+Skipping that sync (a training loop that wants no host sync per step): call
+``set_check_finite(False)`` once (process-wide default for every update, fused or per-layer), or
+pass ``check_finite=False`` to :func:`update_spectral_norms`; then call
+:func:`check_spectral_norms` (one sync for the whole model) where a sync is paid anyway, e.g. at
+log steps. A degenerate weight is then reported at the next check instead of at once; in between
+its layer outputs NaN/Inf.
 """
 
 from __future__ import annotations
@@ -39,6 +45,23 @@ from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_power_it
 
 class SpectralNormError(FloatingPointError):
     """A spectral norm update found a zero, NaN or Inf sigma: the weight is degenerate."""
+
+
+_CHECK_FINITE = True
+
+
+def set_check_finite(enabled: bool) -> bool:
+    """Process-wide default: check sigmas at every update (one sync each; default True).
+
+    Returns the previous setting. With False, call :func:`check_spectral_norms` at log steps.
+    """
+    global _CHECK_FINITE
+    previous, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
+    return previous
+
+
+def check_finite_enabled() -> bool:
+    return _CHECK_FINITE
 
 
 class SpectralNorm(nn.Module):
@@ -93,7 +116,7 @@ class SpectralNorm(nn.Module):
     @torch.compiler.disable
     def _update_if_stale(self, weight: torch.Tensor) -> None:
         if self.is_stale(weight):
-            _power_iterate([(self, weight)], check_finite=True)
+            _power_iterate([(self, weight)], check_finite=None)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
@@ -113,8 +136,20 @@ class SpectralNorm(nn.Module):
         return value
 
 
-def _power_iterate(pairs: list[tuple[SpectralNorm, torch.Tensor]], check_finite: bool) -> None:
+def _raise_if_degenerate(sigmas: torch.Tensor, shapes: list[tuple]) -> None:
+    bad = ~(torch.isfinite(sigmas) & (sigmas > 0))
+    if bool(bad.any()):  # the one sync
+        shapes = [shapes[i] for i in bad.nonzero().flatten().tolist()]
+        raise SpectralNormError(
+            f"spectral norm: sigma is zero, NaN or Inf for weight(s) of shape {shapes} "
+            "(the weight is all zero or holds NaN/Inf); the normalized weight would be "
+            "NaN. Check the learning rate / loss for divergence, or re-initialize the layer.")
+
+
+def _power_iterate(pairs: list[tuple[SpectralNorm, torch.Tensor]], check_finite: bool | None) -> None:
     """One multi-tensor power iteration per (device, dtype, n_iter, eps, backend) group."""
+    if check_finite is None:
+        check_finite = _CHECK_FINITE
     groups: dict[tuple, list[tuple[SpectralNorm, torch.Tensor]]] = {}
     for sn, weight in pairs:
         key = (weight.device, weight.dtype, sn.n_power_iterations, sn.eps, sn.backend)
@@ -126,13 +161,7 @@ def _power_iterate(pairs: list[tuple[SpectralNorm, torch.Tensor]], check_finite:
                 [sn._v for sn, _ in members], [sn.dim for sn, _ in members],
                 n_power_iterations=n_iter, eps=eps, backend=backend)
             if check_finite:
-                bad = ~(torch.isfinite(sigmas) & (sigmas > 0))
-                if bool(bad.any()):  # the one sync per update
-                    shapes = [tuple(members[i][1].shape) for i in bad.nonzero().flatten().tolist()]
-                    raise SpectralNormError(
-                        f"spectral norm: sigma is zero, NaN or Inf for weight(s) of shape {shapes} "
-                        "(the weight is all zero or holds NaN/Inf); the normalized weight would be "
-                        "NaN. Check the learning rate / loss for divergence, or re-initialize the layer.")
+                _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
             for i, (sn, w) in enumerate(members):
                 sn._sigma.copy_(sigmas[i])
                 sn.mark_fresh(w)
@@ -157,17 +186,35 @@ def spectral_norm_layers(modules: nn.Module | Iterable[nn.Module]):
 
 @torch.compiler.disable
 def update_spectral_norms(model: nn.Module | Iterable[nn.Module], *, force: bool = False,
-                          check_finite: bool = True) -> int:
+                          check_finite: bool | None = None) -> int:
     """Power-iterate every stale SN weight of ``model`` in one multi-tensor launch per group.
 
     Only layers in training mode whose weight changed since their last update (or all, with
-    ``force``) are updated. Returns how many weights were updated.
+    ``force``) are updated. Returns how many weights were updated. ``check_finite``: raise
+    :class:`SpectralNormError` on a degenerate sigma (one sync); None: :func:`set_check_finite`'s
+    setting.
     """
     pairs = [(sn, w) for sn, w in spectral_norm_layers(model)
              if sn.training and (force or sn.is_stale(w))]
     if pairs:
         _power_iterate(pairs, check_finite)
     return len(pairs)
+
+
+@torch.compiler.disable
+def check_spectral_norms(model: nn.Module | Iterable[nn.Module]) -> None:
+    """Raise :class:`SpectralNormError` if any SN weight of ``model`` has a zero, NaN or Inf sigma.
+
+    Looks at the sigmas of the last updates (one device sync for the whole model): the check to
+    run at log steps after ``set_check_finite(False)``.
+    """
+    layers = list(spectral_norm_layers(model))
+    by_device: dict[torch.device, list[tuple[SpectralNorm, torch.Tensor]]] = {}
+    for sn, w in layers:
+        by_device.setdefault(sn._sigma.device, []).append((sn, w))
+    for members in by_device.values():
+        sigmas = torch.stack([sn._sigma.to(torch.float64) for sn, _ in members])
+        _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
 
 
 def _fused_pre_hook(module: nn.Module, args) -> None:

@@ -79,12 +79,13 @@ def _inv_norm(part_ptr, base, n_splits, n, eps, ACC: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
+def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_ptr,
                    W_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, ACC: tl.constexpr,
                    V_FROM_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial t = W v over rows [r0, r0 + BLOCK_R) and one column chunk; v from its buffer or,
     after the first iteration, v = s / max(|s|, eps) from the workspace."""
     pid = tl.program_id(0)
+    eps = tl.load(eps_ptr)
     wid = tl.load(items_ptr + pid * 3)
     r0 = tl.load(items_ptr + pid * 3 + 1)
     split = tl.load(items_ptr + pid * 3 + 2)
@@ -123,12 +124,13 @@ def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
 
 
 @triton.jit
-def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
+def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_ptr,
                     W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u = t / max(|t|, eps) (written by the weight's first program); partial s = W^T u over
     columns [c0, c0 + BLOCK_K) and one row chunk."""
     pid = tl.program_id(0)
+    eps = tl.load(eps_ptr)
     wid = tl.load(items_ptr + pid * 3)
     c0 = tl.load(items_ptr + pid * 3 + 1)
     split = tl.load(items_ptr + pid * 3 + 2)
@@ -169,10 +171,11 @@ def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps,
 
 
 @triton.jit
-def _finalize_kernel(ptrs_ptr, meta_ptr, s_part_ptr, sigma_ptr, eps,
+def _finalize_kernel(ptrs_ptr, meta_ptr, s_part_ptr, sigma_ptr, eps_ptr,
                      V_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """One program per weight: v = s / max(|s|, eps); sigma = |s|^2 / max(|s|, eps) (= u . W v)."""
     wid = tl.program_id(0)
+    eps = tl.load(eps_ptr)
     meta = meta_ptr + wid * 9
     K = tl.load(meta + 2)
     n_rsplit = tl.load(meta + 4)
@@ -293,6 +296,18 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}
+# eps on the device in the accumulation dtype: a Python float argument would reach the kernel as
+# float32, which is not the float64 eps of float64 weights.
+_EPS: dict[tuple, torch.Tensor] = {}
+
+
+def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (eps, dtype, str(device))
+    t = _EPS.get(key)
+    if t is None:
+        t = _EPS[key] = torch.tensor(eps, dtype=dtype).to(device)
+    return t
+
 _MAX_PLANS = 64
 
 
@@ -328,6 +343,7 @@ def _power_iteration_group(weights, us, vs, dims, n_power_iterations, eps) -> to
     t_part = torch.empty(plan.t_size, device=device, dtype=acc)
     s_part = torch.empty(plan.s_size, device=device, dtype=acc)
     sigmas = torch.empty(len(weights), device=device, dtype=acc)
+    eps = _eps_tensor(eps, acc, device)
     w_t, u_t, v_t, acc_t = (_TL_DTYPES[weights[0].dtype], _TL_DTYPES[us[0].dtype],
                             _TL_DTYPES[vs[0].dtype], _TL_DTYPES[acc])
     for it in range(n_power_iterations):
