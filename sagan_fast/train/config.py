@@ -1,0 +1,277 @@
+"""Typed training configuration: nested dataclasses, one docstring per field, validated on creation.
+
+The command-line flags are generated from the fields (``ModelConfig.z_dim`` -> ``--z-dim``) and
+their help text from the field docstrings, so a flag and its field cannot drift apart. Each section
+is built from the parsed namespace by its own field names: no ``**kwargs`` from strings, a misspelt
+flag is an argparse error, a bad value a :class:`ConfigError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+RESOLUTIONS = (32, 64, 128, 256)
+# The choices sagan_fast.models accepts (kept here so the config imports without torch models).
+SN_IMPLS = ("sagan_fast", "torch", "none")
+ATTENTION_IMPLS = ("sagan_fast", "sdpa", "naive")
+BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
+INITS = ("ortho", "xavier")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the flag and what is allowed."""
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """Generator and discriminator architecture (both share it)."""
+
+    resolution: int = 32
+    """Image side in pixels: 32, 64, 128 or 256."""
+    ch: int = 32
+    """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64)."""
+    z_dim: int = 128
+    """Size of the latent noise vector z."""
+    n_classes: int = 0
+    """0: unconditional. >0: class-conditional (conditional BN in G, projection D); the data's
+    labels must be in [0, n_classes) (digits: 10)."""
+    attn_resolution: int = 32
+    """Side of the feature map where G and D apply self-attention (a power of two <= resolution;
+    0: no attention)."""
+    image_channels: int | None = None
+    """Image channels; default: from the data (1 for digits, 3 for an image folder)."""
+    sn_impl: str = "sagan_fast"
+    """Spectral norm: 'sagan_fast' (ours, fused), 'torch' (torch's parametrization) or 'none'."""
+    sn_backend: str | None = None
+    """Kernels of our spectral norm: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
+    attention_impl: str = "sagan_fast"
+    """Self-attention: 'sagan_fast' (our op), 'sdpa' or 'naive' (plain PyTorch baselines)."""
+    attention_backend: str | None = None
+    """Kernels of our attention op: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
+    init: str = "ortho"
+    """Weight initialization: 'ortho' (orthogonal) or 'xavier'."""
+
+    def __post_init__(self) -> None:
+        _check(self.resolution in RESOLUTIONS, "resolution", f"must be one of {RESOLUTIONS}, got {self.resolution}")
+        _check(self.ch >= 1, "ch", f"must be >= 1, got {self.ch}")
+        _check(self.z_dim >= 1, "z_dim", f"must be >= 1, got {self.z_dim}")
+        _check(self.n_classes >= 0, "n_classes", f"must be >= 0, got {self.n_classes}")
+        a = self.attn_resolution
+        _check(a == 0 or (a >= 8 and a & (a - 1) == 0 and a <= self.resolution), "attn_resolution",
+               f"must be 0 or a power of two in [8, resolution={self.resolution}], got {a}")
+        _check(self.image_channels is None or self.image_channels >= 1, "image_channels",
+               f"must be >= 1, got {self.image_channels}")
+        _check(self.sn_impl in SN_IMPLS, "sn_impl", f"must be one of {SN_IMPLS}, got {self.sn_impl!r}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        for name in ("sn_backend", "attention_backend"):
+            value = getattr(self, name)
+            _check(value is None or value in BACKEND_CHOICES, name, f"must be one of {BACKEND_CHOICES}, got {value!r}")
+        _check(self.init in INITS, "init", f"must be one of {INITS}, got {self.init!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are batched."""
+
+    data: str = "digits"
+    """'digits' (scikit-learn's 8x8 handwritten digits, upsampled; no download) or a folder of
+    jpg/png/webp images, searched recursively (CelebA's img_align_celeba works as is)."""
+    batch_size: int = 64
+    """Images per process per step (the global batch is this times the number of processes)."""
+    workers: int | None = None
+    """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder."""
+    flip: bool | None = None
+    """Random horizontal flips; default: on for an image folder, off for digits (a mirrored digit
+    is not a digit)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data), "data", "must be 'digits' or a folder path")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+
+
+@dataclass
+class OptimConfig:
+    """Losses, optimizers (TTUR), EMA and precision."""
+
+    lr_g: float = 1e-4
+    """Generator learning rate (TTUR: G slower than D)."""
+    lr_d: float = 4e-4
+    """Discriminator learning rate."""
+    beta1: float = 0.0
+    """Adam beta1 (SAGAN: 0)."""
+    beta2: float = 0.9
+    """Adam beta2 (SAGAN: 0.9)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    d_steps: int = 1
+    """Discriminator steps per generator step (each on a fresh real batch)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of G's weights (the EMA G makes the samples)."""
+    ema_start: int = 0
+    """Step from which the EMA averages; before it the EMA copies G."""
+    bf16: bool = False
+    """Run forward passes under bfloat16 autocast (weights, optimizer and losses stay float32)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_g", "lr_d", "adam_eps"):
+            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
+
+
+@dataclass
+class RunConfig:
+    """Length of the run, outputs, checkpoints, devices and distributed settings."""
+
+    steps: int = 3000
+    """Total generator steps (a resumed run continues up to this count)."""
+    out: str = "runs/sagan"
+    """Run folder: checkpoints/, samples/, metrics.jsonl, TensorBoard events, config.json."""
+    seed: int = 0
+    """Seed of everything: model init (same on all ranks), noise (offset per rank), data order."""
+    log_every: int = 50
+    """Log scalars (TensorBoard + JSONL) every this many steps; losses are read back only then."""
+    ckpt_every: int = 500
+    """Write a checkpoint every this many steps (and at the last step)."""
+    keep_ckpts: int = 3
+    """How many of the latest checkpoints to keep."""
+    sample_every: int = 250
+    """Write a sample grid (EMA G, fixed noise) every this many steps (and at the last step)."""
+    n_samples: int = 64
+    """Images in the sample grid."""
+    resume: str = "auto"
+    """'auto': continue from the latest checkpoint in --out if there is one; 'latest': the same but
+    it must exist; 'never': start fresh; or a checkpoint file path. --resume alone means 'latest'."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK if CUDA is available, else cpu), 'cpu' or 'cuda'."""
+    sync_bn: bool = False
+    """Synchronize G's batch-norm statistics across processes (SyncBatchNorm)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) and no cuDNN autotuning (slower; bit-reproducible
+    on GPU too)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+    dump_rank_state: bool = False
+    """Debug: every rank writes its final G/D state dicts to rank_state/rank<R>.pt (to compare ranks)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(bool(self.out), "out", "must be a folder path")
+        for name in ("log_every", "ckpt_every", "keep_ckpts", "sample_every", "n_samples"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device",
+               f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check(bool(self.resume), "resume", "must be 'auto', 'latest', 'never' or a checkpoint path")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``dataclasses.asdict`` of it goes into every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> "TrainConfig":
+        """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_cls = _SECTIONS[f.name]
+            values = dict(d.get(f.name, {}))
+            known = {sf.name for sf in dataclasses.fields(section_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(f"unknown {f.name} config key(s): {sorted(unknown)}")
+            sections[f.name] = section_cls(**values)
+        return cls(**sections)
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: str) -> tuple[type, bool]:
+    """('int | None') -> (int, True). Annotations are strings (``from __future__ import annotations``)."""
+    parts = [p.strip() for p in annotation.split("|")]
+    optional = "None" in parts
+    parts = [p for p in parts if p != "None"]
+    if len(parts) != 1 or parts[0] not in ("int", "float", "str", "bool"):
+        raise TypeError(f"config field type {annotation!r} has no command-line form")
+    return {"int": int, "float": float, "str": str, "bool": bool}[parts[0]], optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per field of every section; help text from the field docstrings."""
+    parser = argparse.ArgumentParser(
+        description="Train a SAGAN (python train_ddp.py ... or torchrun --nproc_per_node=N train_ddp.py ...).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = TrainConfig()
+    for section, section_cls in _SECTIONS.items():
+        group = parser.add_argument_group(section, section_cls.__doc__)
+        docs = field_docs(section_cls)
+        for f in dataclasses.fields(section_cls):
+            typ, _ = _base_type(str(f.type))
+            default = getattr(getattr(defaults, section), f.name)
+            kwargs: dict[str, Any] = dict(dest=f"{section}.{f.name}", default=default, help=docs.get(f.name, ""))
+            if typ is not bool:
+                kwargs["metavar"] = f.name.upper()
+            if typ is bool:
+                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            elif section == "run" and f.name == "resume":
+                group.add_argument(_flag(f.name), nargs="?", const="latest", type=str, **kwargs)
+                group.add_argument("--no-resume", dest="run.resume", action="store_const", const="never",
+                                   help="Start fresh even if --out holds checkpoints (same as --resume never).")
+            else:
+                group.add_argument(_flag(f.name), type=typ, **kwargs)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse command-line flags into a validated :class:`TrainConfig` (ConfigError on bad values)."""
+    ns = vars(build_parser().parse_args(argv))
+    sections = {}
+    for section, section_cls in _SECTIONS.items():
+        values = {f.name: ns[f"{section}.{f.name}"] for f in dataclasses.fields(section_cls)}
+        sections[section] = section_cls(**values)
+    return TrainConfig(**sections)
+
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
+           "build_parser", "field_docs", "parse_config"]

@@ -1,0 +1,108 @@
+"""Process group setup for torchrun (nccl on GPU, gloo on CPU) and the DDP wrapping GANs need.
+
+``python train_ddp.py`` (no torchrun environment) runs one process with no process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, rank on its node, number of processes, its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> DistInfo:
+    """Join torchrun's process group if launched by it (RANK/WORLD_SIZE set), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_buffers_once(model: nn.Module, info: DistInfo) -> None:
+    """Make every buffer (SN u and v, BN statistics) equal to rank 0's, once, at setup.
+
+    Models are built under the same seed on every rank, so this is a safeguard; afterwards the
+    buffers stay equal by construction (same weights after every averaged-gradient step, same
+    power iteration) and DDP runs with broadcast_buffers=False.
+    """
+    if info.distributed:
+        with torch.no_grad():
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP with broadcast_buffers=False: the default rewrites buffers in place at every forward,
+    which breaks SN's u when D runs before an earlier graph is backpropagated (see DESIGN.md)."""
+    if not info.distributed:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def no_grad_sync(model: nn.Module):
+    """Skip DDP's gradient all-reduce for ``model`` (D's gradients in a G step are discarded)."""
+    return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (just [obj] when alone)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()

@@ -1,0 +1,80 @@
+"""Run logging on rank 0: TensorBoard scalars, a JSONL file (one object per log step), a tqdm bar.
+
+Other ranks get a logger that does nothing, so the loop calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Mapping
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunLogger:
+    """Scalars to ``<out>/tensorboard`` and ``<out>/metrics.jsonl``; progress to stderr.
+
+    On resume from ``start_step`` the JSONL lines and TensorBoard events past it (written after the
+    checkpoint by the interrupted run) are dropped, so each step is logged once.
+    """
+
+    def __init__(self, out: str | Path, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True) -> None:
+        self.enabled = enabled
+        self._writer = self._bar = self._jsonl = None
+        if not enabled:
+            return
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / METRICS_FILE
+        if path.exists():  # keep only lines up to the resume point
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = open(path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, desc="train")
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Write ``scalars`` (plain floats) for ``step``; non-finite values are written as null."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if math.isfinite(v) else None) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for k, v in scalars.items():
+            self._writer.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {k: f"{scalars[k]:.3f}" for k in ("loss_d", "loss_g") if k in scalars}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def message(self, text: str) -> None:
+        """A line for the user (through tqdm so it does not break the bar)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._writer = self._bar = self._jsonl = None

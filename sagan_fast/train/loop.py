@@ -1,0 +1,407 @@
+"""The training loop: build, resume, step, log, sample, checkpoint.
+
+The step itself is :func:`train_step` (``d_steps`` discriminator steps then one generator step),
+a unit with no I/O that a faster implementation can replace.
+
+Why D sees real and fake in one call, ``D(cat([real, fake]))``: our D has no batch statistics (SN,
+no BN), so the logits equal those of two separate calls, and one forward + one backward means one
+DDP gradient reduction and larger kernels. (Two calls before one backward would be correct too:
+DDP runs with broadcast_buffers=False and our SN reuses u, v until the weight changes.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..ops import reference
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import (ShardedBatchSampler, build_dataset, infinite_batches, random_flip)
+from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, no_grad_sync,
+                          unwrap, wrap_ddp)
+from .ema import EMA
+from .logging import RunLogger
+from .losses import hinge_loss_d, hinge_loss_g
+
+CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+# Test-only hook: "STEP:PATH" makes rank 0 kill itself (SIGKILL) right after STEP, once: only if
+# PATH does not exist yet, and it creates PATH first. Used to check torchrun --max-restarts resumes.
+CRASH_HOOK_ENV = "SAGAN_FAST_TEST_CRASH_AFTER_STEP"
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    """Detached scalars of one step, left on the device (read back only at log steps)."""
+
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+    d_real: torch.Tensor
+    d_fake: torch.Tensor
+
+
+def sample_latents(batch_size: int, z_dim: int, n_classes: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z ~ N(0, I) and, for a conditional model, uniform class labels (global generator)."""
+    z = torch.randn(batch_size, z_dim, device=device)
+    y = torch.randint(n_classes, (batch_size,), device=device) if n_classes > 0 else None
+    return z, y
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor,
+           y_real: torch.Tensor | None, *, z_dim: int, n_classes: int, bf16: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One discriminator update on a real batch; returns (loss, mean D(real), mean D(fake))."""
+    batch = real.shape[0]
+    z, y_fake = sample_latents(batch, z_dim, n_classes, real.device)
+    with autocast_context(real.device, bf16):
+        with torch.no_grad():
+            fake = G(z, y_fake)
+        y = torch.cat([y_real, y_fake]) if n_classes > 0 else None
+        logits = D(torch.cat([real, fake.to(real.dtype)]), y)
+    d_real, d_fake = logits.float().split(batch)
+    loss = hinge_loss_d(d_real, d_fake)
+    opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_D.step()
+    return loss.detach(), d_real.detach().mean(), d_fake.detach().mean()
+
+
+def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, batch: int, device: torch.device,
+           *, z_dim: int, n_classes: int, bf16: bool = False) -> torch.Tensor:
+    """One generator update; D's gradients from it are neither all-reduced nor used."""
+    z, y = sample_latents(batch, z_dim, n_classes, device)
+    with autocast_context(device, bf16):
+        logits = D(G(z, y), y)
+    loss = hinge_loss_g(logits)
+    opt_G.zero_grad(set_to_none=True)
+    with no_grad_sync(D):
+        loss.backward()
+    opt_G.step()
+    return loss.detach()
+
+
+def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer,
+               batches: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], *, z_dim: int,
+               n_classes: int, d_steps: int = 1, bf16: bool = False) -> StepStats:
+    """``d_steps`` D updates (each on a fresh real batch from ``batches()``), then one G update."""
+    for _ in range(d_steps):
+        real, y_real = batches()
+        loss_d, d_real, d_fake = d_step(G, D, opt_D, real, y_real, z_dim=z_dim, n_classes=n_classes, bf16=bf16)
+    loss_g = g_step(G, D, opt_G, real.shape[0], real.device, z_dim=z_dim, n_classes=n_classes, bf16=bf16)
+    return StepStats(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake)
+
+
+# --- building ----------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_models(cfg: TrainConfig, image_channels: int) -> tuple[nn.Module, nn.Module]:
+    from ..models import Discriminator, Generator
+
+    m = cfg.model
+    G = Generator(resolution=m.resolution, ch=m.ch, z_dim=m.z_dim, n_classes=m.n_classes,
+                  attn_resolution=m.attn_resolution or None, image_channels=image_channels, sn_impl=m.sn_impl,
+                  attention_backend=m.attention_backend, init=m.init, attention_impl=m.attention_impl,
+                  sn_backend=m.sn_backend)
+    D = Discriminator(resolution=m.resolution, ch=m.ch, n_classes=m.n_classes,
+                      attn_resolution=m.attn_resolution or None, image_channels=image_channels,
+                      sn_impl=m.sn_impl, attention_backend=m.attention_backend, init=m.init,
+                      attention_impl=m.attention_impl, sn_backend=m.sn_backend)
+    return G, D
+
+
+def build_optimizers(G: nn.Module, D: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    o = cfg.optim
+    opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), eps=o.adam_eps)
+    opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), eps=o.adam_eps)
+    return opt_G, opt_D
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, per --resume (see RunConfig.resume), or None."""
+    mode = cfg.run.resume
+    found = ckpt.list_checkpoints(Path(cfg.run.out) / CHECKPOINT_DIR)
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return found[-1] if found else None
+    if mode == "latest":
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {Path(cfg.run.out) / CHECKPOINT_DIR}")
+        return found[-1]
+    return Path(mode)
+
+
+# --- observation -------------------------------------------------------------------------------------
+
+def attention_gammas(prefix: str, model: nn.Module) -> dict[str, float]:
+    """The scalar gamma of every self-attention layer (ours or a baseline: any module with one)."""
+    return {f"gamma/{prefix}.{name}": float(m.gamma.detach()) for name, m in model.named_modules()
+            if isinstance(getattr(m, "gamma", None), nn.Parameter) and m.gamma.ndim == 0}
+
+
+@torch.no_grad()
+def spectral_norm_sigmas(model: nn.Module) -> torch.Tensor:
+    """sigma = u . W v of every spectrally normalized weight (ours or torch's), from the stored u, v."""
+    sigmas = []
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                sn = plist[0]
+                if hasattr(sn, "_u") and hasattr(sn, "_v") and plist.original.ndim > 1:
+                    w = reference.weight_to_matrix(plist.original.detach(), sn.dim)
+                    sigmas.append(torch.vdot(sn._u.to(w.dtype), torch.mv(w, sn._v.to(w.dtype))).float())
+    return torch.stack(sigmas) if sigmas else torch.zeros(0)
+
+
+def sigma_stats(prefix: str, model: nn.Module) -> dict[str, float]:
+    s = spectral_norm_sigmas(model)
+    if s.numel() == 0:
+        return {}
+    return {f"sn_sigma/{prefix}_min": s.min().item(), f"sn_sigma/{prefix}_mean": s.mean().item(),
+            f"sn_sigma/{prefix}_max": s.max().item()}
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8, black padding."""
+    b, c, h, w = images.shape
+    rows = math.ceil(b / nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
+    return grid.permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def save_image_grid(images: torch.Tensor, path: Path) -> None:
+    """PNG written atomically (a viewer never sees half a file)."""
+    from PIL import Image
+
+    arr = image_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])))
+    img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _crash_hook(step: int, info: DistInfo) -> None:
+    spec = os.environ.get(CRASH_HOOK_ENV)
+    if not spec or not info.is_main:
+        return
+    at, marker = spec.split(":", 1)
+    if step == int(at) and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind (paths on rank 0)."""
+
+    step: int
+    out: Path
+    last_checkpoint: Path | None
+    last_samples: Path | None
+    resumed_from: Path | None
+    skipped_images: int
+
+
+def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
+    """Run (or continue) the training described by ``cfg`` in this process; see train_ddp.py."""
+    info = info or DistInfo()
+    device = info.device
+    out = Path(cfg.run.out)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs for float32 runs
+
+    # Data (built on every rank; a folder is only listed, not read).
+    dataset = build_dataset(cfg.data.data, cfg.model.resolution)
+    if cfg.model.n_classes > 0 and dataset.n_classes < cfg.model.n_classes and dataset.n_classes == 0:
+        raise ConfigError(f"--n-classes {cfg.model.n_classes}: the data {cfg.data.data!r} has no class labels")
+    if 0 < cfg.model.n_classes < dataset.n_classes:
+        raise ConfigError(f"--n-classes {cfg.model.n_classes}: the data has {dataset.n_classes} classes")
+    image_channels = cfg.model.image_channels or dataset.channels
+    flip = cfg.data.flip if cfg.data.flip is not None else cfg.data.data != "digits"
+    workers = cfg.data.workers if cfg.data.workers is not None else (0 if cfg.data.data == "digits" else 4)
+    sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, info.rank, info.world_size, seed=cfg.run.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        # Its own generator: creating a loader iterator must not draw from the global one, or a
+        # resumed run (which creates one mid-epoch) would diverge from an uninterrupted run.
+        generator=torch.Generator().manual_seed(cfg.run.seed + info.rank))
+
+    # Models: the same seed on every rank, so weights and SN buffers start equal everywhere.
+    seed_everything(cfg.run.seed)
+    G, D = build_models(cfg, image_channels)
+    G, D = G.to(device), D.to(device)
+    if cfg.run.sync_bn and info.distributed:
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    broadcast_buffers_once(G, info)
+    broadcast_buffers_once(D, info)
+    ema = EMA(G, cfg.optim.ema_decay, cfg.optim.ema_start)
+    opt_G, opt_D = build_optimizers(G, D, cfg)
+    fixed_z, fixed_y = _fixed_noise(cfg, device)
+
+    step, skipped_total, resumed_from = 0, 0, resolve_resume(cfg)
+    if resumed_from is not None:
+        state = ckpt.load_checkpoint(resumed_from)
+        _check_resumable(cfg, state, resumed_from)
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        ema.load_state_dict(state["G_ema"])
+        opt_G.load_state_dict(state["opt_G"])
+        opt_D.load_state_dict(state["opt_D"])
+        ckpt.load_spectral_norm_state(G, state["sn"]["G"])
+        ckpt.load_spectral_norm_state(D, state["sn"]["D"])
+        sampler.load_state_dict(state["sampler"])
+        step, skipped_total = int(state["step"]), int(state["skipped_images"])
+        rng = state["rng"]
+        if len(rng) == info.world_size:
+            ckpt.restore_rng_state(rng[info.rank], device)
+        else:  # a different number of processes: continue, but no longer bit-exact
+            seed_everything(cfg.run.seed + 1_000_003 * (info.rank + 1) + step)
+    else:
+        # Per-rank noise streams from here on (model init above was shared).
+        seed_everything(cfg.run.seed + 1_000_003 * (info.rank + 1))
+
+    G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)
+    logger = RunLogger(out, info.is_main, cfg.run.steps, step, progress=cfg.run.progress)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if resumed_from is not None:
+            logger.message(f"resumed from {resumed_from} at step {step}")
+
+    data_iter: Iterator = infinite_batches(loader, sampler)
+    skipped_pending: list[torch.Tensor] = []
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels, skipped = next(data_iter)
+        skipped_pending.append(skipped.sum())
+        images = images.to(device, non_blocking=True)
+        if flip:
+            images = random_flip(images)
+        labels = labels.to(device, non_blocking=True) if cfg.model.n_classes > 0 else None
+        return images, labels
+
+    sums = torch.zeros(4, device=device)  # loss_d, loss_g, d_real, d_fake since the last log
+    n_summed, t_last, step_last = 0, time.perf_counter(), step
+    last_ckpt = last_samples = None
+    try:
+        while step < cfg.run.steps:
+            stats = train_step(G_ddp, D_ddp, opt_G, opt_D, next_batch, z_dim=cfg.model.z_dim,
+                               n_classes=cfg.model.n_classes, d_steps=cfg.optim.d_steps, bf16=cfg.optim.bf16)
+            step += 1
+            ema.update(step)
+            sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake])
+            n_summed += 1
+            logger.advance()
+            final = step == cfg.run.steps
+
+            if step % cfg.run.log_every == 0 or final:
+                skipped_now = int(torch.stack(skipped_pending).sum()) if skipped_pending else 0
+                skipped_pending.clear()
+                skipped_total += _sum_over_ranks(skipped_now, info)
+                means = (sums / n_summed).tolist()  # the one device sync per log interval
+                now = time.perf_counter()
+                scalars = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means))
+                scalars["images_per_s"] = (step - step_last) * cfg.data.batch_size * info.world_size / (now - t_last)
+                scalars["skipped_images"] = float(skipped_total)
+                if info.is_main:
+                    scalars.update(attention_gammas("G", G))
+                    scalars.update(attention_gammas("D", D))
+                    scalars.update(sigma_stats("G", G))
+                    scalars.update(sigma_stats("D", D))
+                logger.log(step, scalars)
+                if skipped_total and skipped_now:
+                    logger.message(f"step {step}: {skipped_total} unreadable image(s) skipped so far")
+                sums.zero_()
+                n_summed, t_last, step_last = 0, time.perf_counter(), step
+
+            if info.is_main and (step % cfg.run.sample_every == 0 or final):
+                last_samples = out / SAMPLES_DIR / f"step_{step:08d}.png"
+                with torch.no_grad():
+                    save_image_grid(ema.model(fixed_z, fixed_y), last_samples)
+
+            if step % cfg.run.ckpt_every == 0 or final:
+                last_ckpt = _save(cfg, out, step, G, D, ema, opt_G, opt_D, sampler, skipped_total, info)
+            _crash_hook(step, info)
+
+        if cfg.run.dump_rank_state:
+            ckpt.atomic_torch_save({"G": G.state_dict(), "D": D.state_dict(), "step": step},
+                                   out / "rank_state" / f"rank{info.rank}.pt")
+        barrier(info)
+    finally:
+        logger.close()
+    return TrainResult(step=step, out=out, last_checkpoint=last_ckpt, last_samples=last_samples,
+                       resumed_from=resumed_from, skipped_images=skipped_total)
+
+
+def _fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample grid's noise: the same for every step of a run (its own generator)."""
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    z = torch.randn(cfg.run.n_samples, cfg.model.z_dim, generator=g).to(device)
+    y = (torch.arange(cfg.run.n_samples) % cfg.model.n_classes).to(device) if cfg.model.n_classes > 0 else None
+    return z, y
+
+
+def _sum_over_ranks(value: int, info: DistInfo) -> int:
+    return sum(all_gather_objects(value, info))
+
+
+def _check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    saved = state["config"]["model"]
+    now = cfg.to_dict()["model"]
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
+
+
+def _save(cfg: TrainConfig, out: Path, step: int, G: nn.Module, D: nn.Module, ema: EMA,
+          opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer, sampler: ShardedBatchSampler,
+          skipped_total: int, info: DistInfo) -> Path | None:
+    """Every rank contributes its RNG state; rank 0 writes."""
+    rng = all_gather_objects(ckpt.capture_rng_state(info.device), info)
+    path = None
+    if info.is_main:
+        state = {"config": cfg.to_dict(), "world_size": info.world_size, "G": G.state_dict(),
+                 "D": D.state_dict(), "G_ema": ema.state_dict(), "opt_G": opt_G.state_dict(),
+                 "opt_D": opt_D.state_dict(),
+                 "sn": {"G": ckpt.spectral_norm_state(G), "D": ckpt.spectral_norm_state(D)},
+                 "sampler": sampler.state_dict(), "rng": rng, "skipped_images": skipped_total}
+        path = ckpt.save_checkpoint(out / CHECKPOINT_DIR, step, state, keep=cfg.run.keep_ckpts)
+    return path
