@@ -1,0 +1,428 @@
+"""SAGAN attention: the Triton kernels against the float64 reference, forward and every gradient.
+
+On a CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1): fp32 and
+fp16 only, small odd shapes. The interpreter's tiles are 32 wide (see ``_tiles``), so the shapes
+below cover: N and Nk not multiples of the block, several key blocks, Ev split over several value
+slices (40 = 32 + 8, 72 = 32 + 32 + 8) and Ev in one slice, E not a power of two, batch 1.
+`gpu` tests run the DESIGN.md shapes on a real card against PyTorch's own error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sagan_fast.nn import SelfAttention2d
+from sagan_fast.ops import BackendUnavailableError, reference
+from sagan_fast.ops import attention as attention_ops
+from sagan_fast.ops.triton import attention as tri
+from tests.utils import assert_close_report, assert_within_factor_of_torch, requires_cuda
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (B, N, Nk, E, Ev) with readable ids.
+SHAPES = {
+    "map7x9-pooled-E24-Ev40": (1, 63, 12, 24, 40),
+    "N63-Nk37-E8-Ev24-B2": (2, 63, 37, 8, 24),
+    "N33-Nk65-E17-Ev72": (1, 33, 65, 17, 72),
+}
+
+# Direct tolerances vs float64 on the same (rounded) inputs, |q|, |k|, |v| ~ N(0, 1), so scores
+# reach ~ +-15 and outputs / grads are O(1..10):
+# - fp32: every dot accumulates in fp32 (eps 6e-8) over <= 72 terms, and exp2 of a score that
+#   carries a few ulps of |score| <= 20; measured <= 6e-6 on these shapes; bounds leave ~10x.
+#   A masking or scaling bug gives O(0.1..1) errors, far above.
+# - fp16: p and ds are rounded to fp16 (eps 4.9e-4) before their dots, as PyTorch's naive fp16
+#   path rounds its whole score matrix; measured <= 6e-3 on grads of size ~10; bounds leave ~4x.
+TOLERANCES = {
+    torch.float32: dict(out=(2e-5, 2e-5), grad=(1e-4, 1e-4)),
+    torch.float16: dict(out=(5e-3, 5e-3), grad=(3e-2, 1e-2)),
+}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _make(B, N, Nk, E, Ev, dtype, channel_major=False, device="cpu"):
+    """q, k, v, dout in ``dtype``; channel-major means the (B, C, tokens).transpose(1, 2) view."""
+    def one(n, c):
+        if channel_major:
+            return torch.randn(B, c, n, device=device).to(dtype).transpose(1, 2)
+        return torch.randn(B, n, c, device=device).to(dtype)
+    return one(N, E), one(Nk, E), one(Nk, Ev), torch.randn(B, N, Ev, device=device).to(dtype)
+
+
+def _fwd_bwd(fn, q, k, v, dout, dtype=None):
+    """out, dq, dk, dv of ``fn``, with inputs cast to ``dtype`` (fresh leaves, strides kept)."""
+    leaves = []
+    for t in (q, k, v):
+        t = t.detach()
+        t = t.to(dtype) if dtype is not None and dtype != t.dtype else t.clone(memory_format=torch.preserve_format)
+        leaves.append(t.requires_grad_())
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return (out, *(t.grad for t in leaves))
+
+
+def _check_against_fp64(ours, q, k, v, dout, scale, dtype):
+    ref = _fwd_bwd(lambda a, b, c: reference.sagan_attention(a, b, c, scale), q, k, v, dout, torch.float64)
+    tol = TOLERANCES[dtype]
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        atol, rtol = tol["out"] if name == "out" else tol["grad"]
+        assert_close_report(a, r, atol=atol, rtol=rtol, name=f"{name} ({DTYPE_IDS[dtype]})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness in the interpreter (CPU) or on the GPU when there is one
+# ------------------------------------------------------------------------------------------------
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_forward_and_grads_match_float64_reference(shape, dtype):
+    q, k, v, dout = _make(*shape, dtype, device=_device())
+    scale = 1.0 if shape[3] != 17 else 0.6  # SAGAN's unscaled form, and one scaled case
+    ours = _fwd_bwd(lambda a, b, c: tri.sagan_attention(a, b, c, scale), q, k, v, dout)
+    assert ours[0].dtype == dtype and all(g.dtype == dtype for g in ours[1:])
+    _check_against_fp64(ours, q, k, v, dout, scale, dtype)
+
+
+def test_logsumexp_matches_reference():
+    q, k, v, _ = _make(1, 63, 37, 24, 40, torch.float32, device=_device())
+    _, lse = tri.sagan_attention_with_lse(q, k, v, 0.8)
+    expected = reference.sagan_attention_lse(q.double(), k.double(), 0.8)
+    assert_close_report(lse, expected, atol=1e-5, rtol=1e-6, name="lse")
+
+
+def test_channel_major_and_other_strided_inputs_are_read_in_place():
+    """The 1x1-conv view (B, C, N).transpose(1, 2), a stride-0 batch and a sliced feature axis."""
+    B, N, Nk, E, Ev = 2, 45, 33, 12, 40
+    q, k, v, dout = _make(B, N, Nk, E, Ev, torch.float32, channel_major=True, device=_device())
+    assert not q.is_contiguous() and q.stride(1) == 1
+    ours = _fwd_bwd(tri.sagan_attention, q, k, v, dout)
+    _check_against_fp64(ours, q, k, v, dout, 1.0, torch.float32)
+    out, dq, dk, dv = ours
+    # Channel-major values give a channel-major output: (B, Ev, N) contiguous after transposing.
+    assert out.transpose(1, 2).is_contiguous()
+    # Gradients come back in their input's layout (the conv backward gets (B, C, N) contiguous).
+    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
+
+    wide = torch.randn(1, Nk, 2 * E, device=_device())
+    k_sliced = wide[:, :, ::2]                                   # feature stride 2
+    k_expanded = k_sliced.expand(B, Nk, E)                       # batch stride 0
+    q2 = torch.randn(B, N, E, device=_device())
+    v2 = torch.randn(B, Nk, Ev, device=_device())
+    got = tri.sagan_attention(q2, k_expanded, v2)
+    want = reference.sagan_attention(q2.double(), k_expanded.double(), v2.double())
+    assert_close_report(got, want, atol=2e-5, rtol=2e-5, name="out (sliced, expanded k)")
+
+
+def test_float64_gradcheck():
+    """fp64 through the same kernels (fp64 accumulators): analytic vs numerical gradients."""
+    kw = dict(dtype=torch.float64, device=_device(), requires_grad=True)
+    q, k, v = torch.randn(1, 9, 5, **kw), torch.randn(1, 11, 5, **kw), torch.randn(1, 11, 6, **kw)
+    assert torch.autograd.gradcheck(lambda a, b, c: tri.sagan_attention(a, b, c, 0.7), (q, k, v),
+                                    fast_mode=True)
+
+
+def test_allow_tf32_is_accepted_and_fp32_default_is_ieee():
+    assert tri._input_precision(torch.float32, False) == "ieee"
+    assert tri._input_precision(torch.float32, True) == "tf32"
+    assert tri._input_precision(torch.float16, True) == "ieee"
+    q, k, v, _ = _make(1, 20, 20, 16, 16, torch.float32, device=_device())
+    out = tri.sagan_attention(q, k, v, allow_tf32=True)
+    # TF32 keeps 10 mantissa bits: ~1e-3 relative error on O(1) outputs (exact in the interpreter).
+    assert_close_report(out, reference.sagan_attention(q.double(), k.double(), v.double()),
+                        atol=1e-2, rtol=1e-2, name="out (tf32)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Input errors, before any launch
+# ------------------------------------------------------------------------------------------------
+
+def _qkv(B=1, N=8, Nk=6, E=4, Ev=5, dtype=torch.float32, device=None):
+    kw = dict(dtype=dtype, device=device or _device())
+    return torch.randn(B, N, E, **kw), torch.randn(B, Nk, E, **kw), torch.randn(B, Nk, Ev, **kw)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("rank", ValueError, "must be 3-D"),
+    ("E mismatch", ValueError, "feature size E"),
+    ("Nk mismatch", ValueError, "same number of keys"),
+    ("batch mismatch", ValueError, "batch sizes differ"),
+    ("dtype mismatch", TypeError, "share a dtype"),
+    ("int dtype", TypeError, "dtype torch.int64"),
+    ("E too large", ValueError, "E=129 exceeds"),
+    ("Ev too large", ValueError, "Ev=513 exceeds"),
+    ("bf16 in interpreter", TypeError, "bfloat16 is not supported under the Triton CPU interpreter"),
+    ("empty", ValueError, "empty input"),
+    ("device mismatch", ValueError, "one device"),
+])
+def test_bad_inputs_raise_clear_errors(case, exc, match):
+    q, k, v = _qkv()
+    if case == "rank":
+        q = q[0]
+    elif case == "E mismatch":
+        k = torch.randn(1, 6, 3, device=q.device)
+    elif case == "Nk mismatch":
+        v = torch.randn(1, 7, 5, device=q.device)
+    elif case == "batch mismatch":
+        v = torch.randn(2, 6, 5, device=q.device)
+    elif case == "dtype mismatch":
+        v = v.half()
+    elif case == "int dtype":
+        q, k, v = (t.long() for t in (q, k, v))
+    elif case == "E too large":
+        q, k, v = _qkv(E=129)
+    elif case == "Ev too large":
+        q, k, v = _qkv(Ev=513)
+    elif case == "bf16 in interpreter":
+        if torch.cuda.is_available():
+            pytest.skip("bf16 runs on a GPU")
+        q, k, v = _qkv(dtype=torch.bfloat16)
+    elif case == "empty":
+        q, k, v = _qkv(N=0)
+    elif case == "device mismatch":
+        k = k.to("meta")
+    with pytest.raises(exc, match=match):
+        tri.sagan_attention(q, k, v)
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv(device="cpu")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        attention_ops.sagan_attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="CUDA device"):
+        tri.sagan_attention(q, k, v)
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Counts calls into the Triton backend module (the dispatcher looks it up at each call)."""
+    calls = []
+    original = tri.sagan_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(tri, "sagan_attention", spy)
+    return calls
+
+
+def test_environment_variable_selects_the_backend(monkeypatch, triton_calls):
+    q, k, v = _qkv()
+    expected = reference.sagan_attention(q, k, v)
+    monkeypatch.setenv("SAGAN_FAST_BACKEND", "triton")
+    assert_close_report(attention_ops.sagan_attention(q, k, v), expected, atol=1e-5, rtol=1e-5, name="out")
+    assert len(triton_calls) == 1
+    monkeypatch.setenv("SAGAN_FAST_BACKEND", "reference")
+    attention_ops.sagan_attention(q, k, v)
+    assert len(triton_calls) == 1
+    monkeypatch.setenv("SAGAN_FAST_BACKEND", "auto")
+    attention_ops.sagan_attention(q, k, v)
+    # auto keeps CPU tensors on the reference path (the interpreter is for tests, not speed).
+    assert len(triton_calls) == (1 if q.device.type == "cpu" else 2)
+    monkeypatch.setenv("SAGAN_FAST_BACKEND", "tritn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        attention_ops.sagan_attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library registration, torch.compile
+# ------------------------------------------------------------------------------------------------
+
+def test_opcheck_forward_and_backward_ops():
+    q, k, v, dout = _make(1, 19, 11, 8, 20, torch.float32, channel_major=True, device=_device())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(tri.attention_fwd, (q, k, v, 1.0, False))
+    out, lse = tri.attention_fwd(q.detach(), k.detach(), v.detach(), 1.0, False)
+    torch.library.opcheck(tri.attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, 1.0, False))
+
+
+def test_torch_compile_traces_the_op_forward_and_backward():
+    """aot_eager checks the fake kernels and the autograd registration without a C++ compiler."""
+    torch._dynamo.reset()
+
+    def block(q, k, v):
+        return (tri.sagan_attention(q * 2.0, k, v, 0.5) + 1.0).relu()
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    q, k, v, dout = _make(1, 21, 13, 8, 20, torch.float32, channel_major=True, device=_device())
+    got = _fwd_bwd(compiled, q, k, v, dout)
+    want = _fwd_bwd(block, q, k, v, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close_report(a, b, atol=1e-6, rtol=1e-6, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# SelfAttention2d on the Triton backend vs the reference backend
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["paper", "biggan"])
+def test_self_attention_2d_triton_matches_reference(form):
+    C = 16
+    kwargs = dict(paper={}, biggan=dict(pool_keys=True, value_channels=C // 2, out_conv=True))[form]
+    torch.manual_seed(1)
+    mod_ref = SelfAttention2d(C, backend="reference", **kwargs).to(_device())
+    mod_tri = SelfAttention2d(C, backend="triton", **kwargs).to(_device())
+    with torch.no_grad():
+        mod_ref.gamma.fill_(0.7)   # gamma = 0 at init would hide the attention branch entirely
+    mod_tri.load_state_dict(mod_ref.state_dict())
+    x = torch.randn(1, C, 7, 9, device=_device())
+    ys, grads = [], []
+    for mod in (mod_ref, mod_tri):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.square().sum().backward()
+        ys.append(y)
+        grads.append([xi.grad] + [p.grad for p in mod.parameters()])
+    assert_close_report(ys[1], ys[0], atol=1e-5, rtol=1e-5, name=f"y ({form})")
+    names = ["x"] + [n for n, _ in mod_ref.named_parameters()]
+    for name, a, b in zip(names, grads[1], grads[0]):
+        assert_close_report(a, b, atol=1e-4, rtol=1e-4, name=f"grad {name} ({form})")
+
+
+def test_self_attention_2d_matches_functional_reference():
+    """The module (Triton backend) against reference.self_attention_2d with the same SN weights."""
+    C = 16
+    mod = SelfAttention2d(C, pool_keys=True, value_channels=C // 2, out_conv=True, sn=False,
+                          backend="triton").to(_device())
+    with torch.no_grad():
+        mod.gamma.fill_(0.3)
+    x = torch.randn(2, C, 6, 10, device=_device())
+    want = reference.self_attention_2d(x.double(), mod.query.weight.double(), mod.key.weight.double(),
+                                       mod.value.weight.double(), mod.gamma.double(),
+                                       mod.out.weight.double(), pool_keys=True)
+    assert_close_report(mod(x), want, atol=1e-5, rtol=1e-5, name="y")
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels compile for Hopper (no GPU needed): catches code the interpreter accepts but the
+# compiler does not (bf16 never runs in the interpreter).
+# ------------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from sagan_fast.ops.triton import attention as A
+    POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV")
+    for job in sys.argv[1:]:
+        name, E, Ev = job.split(":")
+        E, Ev = int(E), int(Ev)
+        dtype = getattr(torch, name)
+        ptr = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}[name]
+        stats = "fp64" if ptr == "fp64" else "fp32"
+        t = A._tiles(E, Ev, dtype, False)
+        acc, ip = A._acc(dtype), A._input_precision(dtype, False)
+        common = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"],
+                      INPUT_PRECISION=ip, ACC=acc)
+        jobs = [(A._attn_fwd_kernel, dict(common, BLOCK_DV=t["BLOCK_DV"])),
+                (A._attn_bwd_delta_kernel, dict(BLOCK_M=t["BLOCK_M"], BLOCK_DV=t["dv_chunk"], ACC=acc)),
+                (A._attn_bwd_dv_kernel, dict(common, BLOCK_DV=t["BLOCK_DV"])),
+                (A._attn_bwd_dk_kernel, dict(common, BLOCK_DV=t["dv_chunk"])),
+                (A._attn_bwd_dq_kernel, dict(common, BLOCK_DV=t["dv_chunk"]))]
+        for kernel, consts in jobs:
+            sig = {}
+            for arg in kernel.arg_names:
+                if arg in consts:
+                    sig[arg] = "constexpr"
+                elif arg in POINTERS:
+                    sig[arg] = "*" + (stats if arg in ("LSE", "DELTA") else ptr)
+                elif arg in ("qk_scale_log2", "scale"):
+                    sig[arg] = "fp32"
+                else:
+                    sig[arg] = "i32"
+            src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=t["num_warps"], num_stages=t["num_stages"]))
+            print("compiled", kernel.__name__, name, E, Ev, flush=True)
+""")
+
+
+def test_kernels_compile_for_sm90_in_every_dtype():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # bf16 at the G shape and at the widest Ev (two value slices); fp32 and fp64 at the G shape
+    # (fp16 shares bf16's code path). ~1 s per kernel on a 2-core CPU.
+    jobs = ["bfloat16:32:256", "bfloat16:64:512", "float32:32:256", "float64:32:256"]
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, *jobs], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"sm_90 compilation failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.count("compiled") == 5 * len(jobs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real GPU: DESIGN.md shapes, error within 2x PyTorch's own, memory O(N) per row
+# ------------------------------------------------------------------------------------------------
+
+# (B, N, Nk, E, Ev); batch reduced from the benchmark's so that the float64 reference fits.
+GPU_SHAPES = {
+    "G32x32-C256": (8, 1024, 1024, 32, 256),
+    "G32x32-C256-biggan-pooled": (8, 1024, 256, 32, 128),
+    "D32x32-C512": (4, 1024, 1024, 64, 512),
+    "G64x64-C128": (2, 4096, 4096, 16, 128),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("channel_major", [False, True], ids=["row-major", "channel-major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", list(GPU_SHAPES.values()), ids=list(GPU_SHAPES))
+def test_gpu_error_within_twice_pytorch_naive(shape, dtype, channel_major):
+    q, k, v, dout = _make(*shape, dtype, channel_major=channel_major, device="cuda")
+    ours = _fwd_bwd(tri.sagan_attention, q, k, v, dout)
+    naive = _fwd_bwd(reference.sagan_attention, q, k, v, dout)
+    ref = _fwd_bwd(reference.sagan_attention, q, k, v, dout, torch.float64)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, naive, ref):
+        # floor: a few fp32 ulps of the largest value, for cases where PyTorch happens to be exact.
+        floor = 4 * torch.finfo(torch.float32).eps * r.abs().max().item()
+        assert_within_factor_of_torch(a, b, r, factor=2.0, floor=floor, name=f"{name} {DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_peak_memory_is_linear_in_tokens():
+    """fwd+bwd allocates O(B N (E + Ev)), never anything like the B x N x Nk score matrix."""
+    B, N, Nk, E, Ev = 4, 4096, 4096, 16, 128
+    q, k, v, dout = _make(B, N, Nk, E, Ev, torch.bfloat16, device="cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    tri.sagan_attention(q, k, v).backward(dout)   # warm-up: compile outside the measurement
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tri.sagan_attention(q, k, v).backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    scores_bytes = B * N * Nk * 2
+    io_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, dout))
+    # out + dq + dk + dv ~ io_bytes, plus lse and delta (8 bytes a row) and allocator rounding.
+    assert peak <= 2 * io_bytes + 16 * B * N + (4 << 20), (peak, io_bytes)
+    assert peak < scores_bytes / 20, (peak, scores_bytes)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_auto_backend_picks_triton(triton_calls):
+    q, k, v, _ = _make(2, 64, 64, 16, 32, torch.float16, device="cuda")
+    attention_ops.sagan_attention(q, k, v, backend="auto")
+    assert len(triton_calls) == 1
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_tf32_option_error():
+    q, k, v, _ = _make(4, 1024, 1024, 32, 256, torch.float32, device="cuda")
+    out = tri.sagan_attention(q, k, v, allow_tf32=True)
+    ref = reference.sagan_attention(q.double(), k.double(), v.double())
+    rel = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-2, rel   # TF32: 10 mantissa bits in each product
