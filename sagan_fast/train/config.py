@@ -39,16 +39,17 @@ class ModelConfig:
 
     resolution: int = 32
     """Image side in pixels: 32, 64, 128 or 256."""
-    ch: int = 32
-    """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64)."""
+    ch: int = 16
+    """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64; the
+    default is sized for digits on a CPU)."""
     z_dim: int = 128
     """Size of the latent noise vector z."""
     n_classes: int = 0
     """0: unconditional. >0: class-conditional (conditional BN in G, projection D); the data's
     labels must be in [0, n_classes) (digits: 10)."""
-    attn_resolution: int = 32
+    attn_resolution: int = 16
     """Side of the feature map where G and D apply self-attention (a power of two <= resolution;
-    0: no attention)."""
+    0: no attention). The paper uses 32 at 128 px; 16 keeps the default digits run cheap on a CPU."""
     image_channels: int | None = None
     """Image channels; default: from the data (1 for digits, 3 for an image folder)."""
     sn_impl: str = "sagan_fast"
@@ -88,7 +89,7 @@ class DataConfig:
     data: str = "digits"
     """'digits' (scikit-learn's 8x8 handwritten digits, upsampled; no download) or a folder of
     jpg/png/webp images, searched recursively (CelebA's img_align_celeba works as is)."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Images per process per step (the global batch is this times the number of processes)."""
     workers: int | None = None
     """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder."""
@@ -119,9 +120,10 @@ class OptimConfig:
     d_steps: int = 1
     """Discriminator steps per generator step (each on a fresh real batch)."""
     ema_decay: float = 0.999
-    """Decay of the exponential moving average of G's weights (the EMA G makes the samples)."""
+    """Decay of the exponential moving average of G's weights (the EMA G makes the samples);
+    warmed up as min(decay, (1 + n) / (10 + n)), n the steps since --ema-start."""
     ema_start: int = 0
-    """Step from which the EMA averages; before it the EMA copies G."""
+    """Step from which the EMA averages; up to it the EMA copies G."""
     bf16: bool = False
     """Run forward passes under bfloat16 autocast (weights, optimizer and losses stay float32)."""
 
@@ -139,7 +141,7 @@ class OptimConfig:
 class RunConfig:
     """Length of the run, outputs, checkpoints, devices and distributed settings."""
 
-    steps: int = 3000
+    steps: int = 4000
     """Total generator steps (a resumed run continues up to this count)."""
     out: str = "runs/sagan"
     """Run folder: checkpoints/, samples/, metrics.jsonl, TensorBoard events, config.json."""

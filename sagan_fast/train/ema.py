@@ -9,7 +9,11 @@ from torch import nn
 
 
 class EMA:
-    """``ema = decay * ema + (1 - decay) * weights`` per step from ``start``; a plain copy before it.
+    """``ema = d * ema + (1 - d) * weights`` per step from ``start``; a plain copy up to it.
+
+    ``d = min(decay, (1 + n) / (10 + n))``, n the steps since ``start`` (TensorFlow's
+    ExponentialMovingAverage warm-up): early on the average forgets the random init quickly, so
+    samples of a short run are not dominated by it; later ``d = decay``.
 
     Parameters are averaged; buffers (SN u and v, BN running statistics) are copied, so the averaged
     model evaluates with the live model's statistics (as BigGAN-PyTorch does). The copy stays in eval
@@ -27,6 +31,10 @@ class EMA:
         self._params = [(p, src_params[k]) for k, p in self.model.named_parameters()]
         self._buffers = [(b, src_buffers[k]) for k, b in self.model.named_buffers()]
 
+    def decay_at(self, step: int) -> float:
+        n = step - self.start
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after each generator optimizer step; ``step`` counts the G steps done (1-based)."""
@@ -35,7 +43,7 @@ class EMA:
         if step <= self.start:
             torch._foreach_copy_(ema_p, src_p)
         else:
-            torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay_at(step))
         for e, s in self._buffers:
             e.copy_(s)
 

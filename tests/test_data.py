@@ -1,0 +1,156 @@
+"""Training data: digits, image folders (crop, resize, corrupt files, empty/missing folders), sampler."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from sagan_fast.train.data import (DataError, DigitsDataset, ImageFolderDataset, ShardedBatchSampler,
+                                   build_dataset, infinite_batches, random_flip)
+
+
+def test_digits_dataset_is_real_data_in_range():
+    ds = DigitsDataset(resolution=32)
+    assert len(ds) == 1797 and ds.channels == 1 and ds.n_classes == 10
+    x, y, skipped = ds[5]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and skipped == 0
+    assert 0 <= y < 10
+    assert ds.images.min() == -1.0 and ds.images.max() <= 1.0
+    # Digits have ink in the middle and mostly blank side columns (not noise, not constant).
+    mean = ds.images.mean(0)
+    assert mean[:, 8:24, 12:20].mean() > 0.0 > -0.9 > mean[:, :, :2].mean()
+    assert set(ds.labels.tolist()) == set(range(10))
+
+
+def _write(path, size, color, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+
+
+def _centre_marked(path, w, h):
+    """A w x h image, black except its centred min(w, h) square, white: a crop test."""
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img.paste((255, 255, 255), (left, top, left + side, top + side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    _centre_marked(root / "a" / "wide.png", 61, 23)          # odd, non-square: centre-crop
+    _centre_marked(root / "b" / "deep" / "tall.png", 17, 45)  # nested folders are searched
+    _write(root / "c.jpg", (40, 40), (255, 0, 0))
+    _write(root / "d.webp", (33, 33), (0, 0, 255), fmt="WEBP")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_finds_recursively_crops_and_scales(image_folder):
+    ds = ImageFolderDataset(image_folder, resolution=8)
+    names = [p.name for p in ds.files]
+    assert sorted(names) == sorted(["wide.png", "tall.png", "c.jpg", "d.webp", "broken.png"])
+    for name in ("wide.png", "tall.png"):
+        x, label, skipped = ds[names.index(name)]
+        assert x.shape == (3, 8, 8) and label == 0 and skipped == 0
+        # Only the white centre square survives the crop; JPEG-free PNG is exact up to resampling.
+        assert torch.allclose(x, torch.ones_like(x), atol=1e-6), f"{name}: crop kept the black margins"
+    red, _, _ = ds[names.index("c.jpg")]
+    assert red[0].mean() > 0.9 and red[1].mean() < -0.9  # JPEG: approximately pure red
+    blue, _, _ = ds[names.index("d.webp")]
+    assert blue[2].mean() > 0.9 and blue[0].mean() < -0.9
+
+
+def test_corrupt_image_is_skipped_and_counted(image_folder):
+    ds = ImageFolderDataset(image_folder, resolution=8)
+    bad = [p.name for p in ds.files].index("broken.png")
+    with pytest.warns(UserWarning, match="broken.png"):
+        x, _, skipped = ds[bad]
+    assert skipped == 1 and x.shape == (3, 8, 8)
+    # Through a DataLoader, the count arrives with the batch.
+    sampler = ShardedBatchSampler(len(ds), batch_size=len(ds), shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images, labels, skipped = next(iter(loader))
+    assert images.shape == (5, 3, 8, 8) and int(skipped.sum()) == 1
+
+
+def test_all_corrupt_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"garbage")
+    ds = ImageFolderDataset(tmp_path, resolution=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="none of the 1 images"):
+            ds[0]
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no jpg/jpeg/png/webp images found"):
+        build_dataset(str(tmp_path / "empty"), 32)
+    with pytest.raises(DataError, match="no such folder"):
+        build_dataset(str(tmp_path / "missing"), 32)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not a folder"):
+        build_dataset(str(tmp_path / "file.png"), 32)
+
+
+@pytest.mark.parametrize("n_items,world,batch", [(103, 2, 5), (97, 3, 4), (10, 1, 3)],
+                         ids=["103items-2ranks", "97items-3ranks", "10items-1rank"])
+def test_sharded_sampler_partitions_and_resumes(n_items, world, batch):
+    samplers = [ShardedBatchSampler(n_items, batch, rank=r, world_size=world, seed=7) for r in range(world)]
+    epoch0 = [[i for b in s for i in b] for s in samplers]
+    assert len({len(e) for e in epoch0}) == 1, "ranks must run the same number of steps"
+    flat = [i for e in epoch0 for i in e]
+    assert len(set(flat)) == len(flat), "ranks overlap within an epoch"
+    assert set(flat) <= set(range(n_items))
+
+    # Consume k batches, snapshot, and a fresh sampler from the snapshot continues identically.
+    s = ShardedBatchSampler(n_items, batch, rank=world - 1, world_size=world, seed=7)
+    straight = []
+    it = infinite_batches_of(s)
+    for _ in range(s.batches_per_epoch + 2):  # crosses an epoch boundary
+        straight.append(next(it))
+    s2 = ShardedBatchSampler(n_items, batch, rank=world - 1, world_size=world, seed=7)
+    it2 = infinite_batches_of(s2)
+    k = s.batches_per_epoch - 1
+    for _ in range(k):
+        next(it2)
+    s3 = ShardedBatchSampler(n_items, batch, rank=world - 1, world_size=world, seed=7)
+    s3.load_state_dict(s2.state_dict())
+    it3 = infinite_batches_of(s3)
+    assert [next(it3) for _ in range(3)] == straight[k:k + 3]
+    # A new epoch reshuffles.
+    if n_items > 10:
+        assert straight[0] != straight[s.batches_per_epoch]
+
+
+def infinite_batches_of(sampler):
+    """infinite_batches over a loader that yields the index lists themselves."""
+    loader = torch.utils.data.DataLoader(list(range(sampler.n_items)), batch_sampler=sampler,
+                                         collate_fn=lambda b: b)
+    return infinite_batches(loader, sampler)
+
+
+def test_sampler_too_few_items_is_a_clear_error():
+    with pytest.raises(DataError, match="fewer than one batch"):
+        ShardedBatchSampler(5, batch_size=4, rank=0, world_size=2)
+
+
+def test_random_flip_mirrors_about_half_and_is_seeded():
+    x = torch.arange(64 * 3 * 2 * 5, dtype=torch.float32).view(64, 3, 2, 5)
+    torch.manual_seed(3)
+    y = random_flip(x)
+    flipped = (y == x.flip(3)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert bool((flipped ^ kept).all()) and 16 < int(flipped.sum()) < 48
+    torch.manual_seed(3)
+    assert torch.equal(random_flip(x), y)
