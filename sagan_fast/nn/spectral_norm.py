@@ -137,6 +137,8 @@ class SpectralNorm(nn.Module):
 
 
 def _raise_if_degenerate(sigmas: torch.Tensor, shapes: list[tuple]) -> None:
+    if sigmas.device.type == "meta":  # shapes only (e.g. a model built to list its layers)
+        return
     bad = ~(torch.isfinite(sigmas) & (sigmas > 0))
     if bool(bad.any()):  # the one sync
         shapes = [shapes[i] for i in bad.nonzero().flatten().tolist()]
