@@ -290,18 +290,29 @@ def test_self_attention_2d_triton_matches_reference(form):
         assert_close_report(a, b, atol=1e-4, rtol=1e-4, name=f"grad {name} ({form})")
 
 
-def test_self_attention_2d_matches_functional_reference():
-    """The module (Triton backend) against reference.self_attention_2d with the same SN weights."""
+@pytest.mark.parametrize("form", ["paper", "biggan", "paper-unfused"])
+def test_self_attention_2d_matches_functional_reference(form):
+    """The module (Triton backend, fused projections) against reference.self_attention_2d with the
+    same spectrally normalized weights; "unfused": a hooked conv takes the one-conv-each path."""
     C = 16
-    mod = SelfAttention2d(C, pool_keys=True, value_channels=C // 2, out_conv=True, sn=False,
-                          backend="triton").to(_device())
+    biggan = form == "biggan"
+    kwargs = dict(pool_keys=True, value_channels=C // 2, out_conv=True) if biggan else {}
+    mod = SelfAttention2d(C, backend="triton", **kwargs).to(_device())
+    calls = []
+    if form == "paper-unfused":
+        mod.value.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         mod.gamma.fill_(0.3)
     x = torch.randn(2, C, 6, 10, device=_device())
-    want = reference.self_attention_2d(x.double(), mod.query.weight.double(), mod.key.weight.double(),
-                                       mod.value.weight.double(), mod.gamma.double(),
-                                       mod.out.weight.double(), pool_keys=True)
-    assert_close_report(mod(x), want, atol=1e-5, rtol=1e-5, name="y")
+    y = mod(x)
+    assert len(calls) == (1 if form == "paper-unfused" else 0)
+    mod.eval()   # the weights the forward used (SN updates u, v only when the weight changes)
+    with torch.no_grad():
+        weights = [m.weight.double() if m is not None else None
+                   for m in (mod.query, mod.key, mod.value, mod.out)]
+    want = reference.self_attention_2d(x.double(), *weights[:3], mod.gamma.double(), weights[3],
+                                       pool_keys=biggan)
+    assert_close_report(y, want, atol=1e-5, rtol=1e-5, name=f"y ({form})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,18 +53,47 @@ class SelfAttention2d(nn.Module):
         B, C, H, W = x.shape
         if self.pool_keys and (H < 2 or W < 2):
             raise ValueError(f"pool_keys needs maps of at least 2x2, got {H}x{W}")
-        f = self.query(x)
-        g = self.key(x)
-        h = self.value(x)
-        if self.pool_keys:
-            g = F.max_pool2d(g, 2)
-            h = F.max_pool2d(h, 2)
-        # (B, E, N) -> (B, N, E) as strided views: the kernels read the channel-major layout.
+        f, g, h = self._project(x)
+        # (B, E, N) -> (B, N, E) as strided views: the kernels read the channel-major layout
+        # (and channel slices of the fused projection) in place.
         q = f.flatten(2).transpose(1, 2)
         k = g.flatten(2).transpose(1, 2)
         v = h.flatten(2).transpose(1, 2)
         o = sagan_attention(q, k, v, backend=self.backend)          # (B, N, Ev)
+        # Free for the Triton backend: its output is channel-major when v is.
         o = o.transpose(1, 2).reshape(B, self.value_channels, H, W)
         if self.out is not None:
             o = self.out(o)
-        return x + self.gamma * o
+        # x + gamma * o in one elementwise pass (one kernel instead of a multiply and an add).
+        return torch.addcmul(x, self.gamma, o)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """f, g, h (g and h pooled in the BigGAN form) with as few passes over x as possible.
+
+        Plain bias-free 1x1 convs (spectrally normalized or not) are fused: one conv with the
+        concatenated (normalized) weights for f, g, h, or one for f and one for [g, h] when keys
+        and values are pooled (so the pool runs once, on a dense tensor). ``split`` keeps the
+        backward to one concatenation. Any other projection module is called as it is.
+        """
+        convs = (self.query, self.key, self.value)
+        if not all(_is_plain_1x1_conv(c) for c in convs):
+            f, g, h = (c(x) for c in convs)
+            if self.pool_keys:
+                g, h = F.max_pool2d(g, 2), F.max_pool2d(h, 2)
+            return f, g, h
+        E, Ev = self.key_channels, self.value_channels
+        w_query, w_key, w_value = (c.weight for c in convs)   # SN parametrizations run here
+        if self.pool_keys:
+            f = F.conv2d(x, w_query)
+            g, h = F.max_pool2d(F.conv2d(x, torch.cat([w_key, w_value])), 2).split([E, Ev], dim=1)
+            return f, g, h
+        f, g, h = F.conv2d(x, torch.cat([w_query, w_key, w_value])).split([E, E, Ev], dim=1)
+        return f, g, h
+
+
+def _is_plain_1x1_conv(module: nn.Module) -> bool:
+    """An nn.Conv2d (not a subclass with its own forward) computing exactly F.conv2d(x, weight)."""
+    return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and module.bias is None and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1
+            and not module._forward_hooks and not module._forward_pre_hooks)

@@ -17,7 +17,7 @@ dO v^T is reduced over Ev in BLOCK_DV chunks, so any Ev fits.
 Strides are arbitrary (stride 0 and the channel-major view ``h.flatten(2).transpose(1, 2)`` of a
 1x1-conv output are read in place). The output takes v's layout: channel-major values give a
 channel-major output, so ``out.transpose(1, 2).reshape(B, Ev, H, W)`` is free. Gradients take the
-layout of their input (``empty_like``).
+same rule from their input (dense channel-major for channel-major views).
 
 Precision: every dot accumulates in fp32. fp16 / bf16 inputs feed the tensor cores in their own
 dtype (p and ds are rounded to it before their dots, as flash-attention does). fp32 dots are IEEE
@@ -344,12 +344,25 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"triton sagan_attention: value dim Ev={Ev} exceeds the supported {MAX_EV}")
 
 
+def _empty_in_layout_of(like: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A dense (B, T, C) tensor, channel-major ((B, C, T) transposed) when ``like`` is one.
+
+    ``like`` may be a non-dense view (a channel slice of a fused q/k/v projection): only the
+    order of its token and channel strides matters, so the 1x1-conv side gets (B, C, T) back.
+    """
+    B, T, C = shape
+    if like.stride(1) == 1 and like.stride(2) != 1 and like.shape[2] > 1:
+        return torch.empty((B, C, T), dtype=like.dtype, device=like.device).transpose(1, 2)
+    return torch.empty((B, T, C), dtype=like.dtype, device=like.device)
+
+
 def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, N, Ev) in v's layout: channel-major when v is a channel-major view, else row-major."""
-    B, N, Ev = q.shape[0], q.shape[1], v.shape[2]
-    if v.stride(1) == 1 and v.stride(2) != 1 and Ev > 1:
-        return torch.empty((B, Ev, N), dtype=v.dtype, device=v.device).transpose(1, 2)
-    return torch.empty((B, N, Ev), dtype=v.dtype, device=v.device)
+    """(B, N, Ev) in v's layout, so ``out.transpose(1, 2).reshape(B, Ev, H, W)`` is free."""
+    return _empty_in_layout_of(v, (q.shape[0], q.shape[1], v.shape[2]))
+
+
+def _empty_grads(q, k, v):
+    return tuple(_empty_in_layout_of(t, tuple(t.shape)) for t in (q, k, v))
 
 
 def _grid_device(t: torch.Tensor):
@@ -393,7 +406,7 @@ def _backward(dout, q, k, v, out, lse, scale: float, allow_tf32: bool):
     launch = dict(num_warps=t["num_warps"], num_stages=t["num_stages"], ACC=_acc(q.dtype))
     qk_scale_log2 = float(scale) * LOG2E
     delta = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_grads(q, k, v)
     with _grid_device(q):
         _attn_bwd_delta_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
             out, dout, delta, *out.stride(), *dout.stride(), N, Ev,
@@ -433,7 +446,7 @@ def _attention_fwd_fake(q, k, v, scale, allow_tf32):
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, scale: float,
                   allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each in its input's layout."""
+    """(dq, dk, dv), each dense, channel-major where its input is a channel-major view."""
     if dout.shape != out.shape:
         raise ValueError(f"triton sagan_attention backward: grad shape {tuple(dout.shape)} != output "
                          f"shape {tuple(out.shape)}")
@@ -442,7 +455,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, scale, allow_tf32):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _empty_grads(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
