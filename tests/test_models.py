@@ -229,3 +229,41 @@ def test_bad_forward_inputs():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+def test_models_on_triton_spectral_norm_match_reference():
+    # Under TRITON_INTERPRET=1 on a CPU (conftest), the Triton SN kernels run in the interpreter.
+    torch.manual_seed(4)
+    G, D = _models(32, 3, attn_resolution=16, sn_backend="reference")
+    torch.manual_seed(4)
+    G2, D2 = _models(32, 3, attn_resolution=16, sn_backend="triton")
+    z, y = torch.randn(2, Z_DIM), _labels(2, 3)
+    x = G(z, y)
+    # float32 kernels vs float32 torch ops, reductions in another order: ulps of O(1) values.
+    assert_close_report(G2(z, y), x, atol=1e-5, rtol=1e-4, name="G triton SN")
+    assert_close_report(D2(x, y), D(x, y), atol=1e-4, rtol=1e-4, name="D triton SN")
+
+
+def test_gan_step_under_torch_compile():
+    """D on real then on fake before one backward, then a G step, all compiled (aot_eager: the
+    tracing is what can break; inductor's codegen is not ours to test here)."""
+    torch.manual_seed(6)
+    G, D = _models(32, 3, attn_resolution=16)
+    torch.manual_seed(6)
+    G_eager, D_eager = _models(32, 3, attn_resolution=16)
+    G_c, D_c = torch.compile(G, backend="aot_eager"), torch.compile(D, backend="aot_eager")
+    z, y, real = torch.randn(2, Z_DIM), _labels(2, 3), torch.randn(2, 3, 32, 32)
+    results = []
+    for g, d in ((G_c, D_c), (G_eager, D_eager)):
+        opt_d = torch.optim.SGD(d.parameters(), lr=0.05)
+        d_loss = torch.relu(1 - d(real, y)).mean() + torch.relu(1 + d(g(z, y).detach(), y)).mean()
+        d_loss.backward()
+        opt_d.step()
+        g_loss = -d(g(z, y), y).mean()  # D's weights changed: its SN must update first
+        g_loss.backward()
+        results.append((d_loss.detach(), g_loss.detach()))
+    (d_c, g_c), (d_e, g_e) = results
+    assert_close_report(d_c, d_e, atol=1e-5, rtol=1e-4, name="compiled D loss")
+    assert_close_report(g_c, g_e, atol=1e-5, rtol=1e-4, name="compiled G loss")
+    for p_c, p_e in zip(G.parameters(), G_eager.parameters()):
+        assert_close_report(p_c.grad, p_e.grad, atol=1e-5, rtol=1e-3, name="compiled G grad")
