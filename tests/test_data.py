@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sagan_fast.train.data import (DataError, DigitsDataset, ImageFolderDataset, ShardedBatchSampler,
-                                   build_dataset, infinite_batches, random_flip)
+                                   build_dataset, infinite_batches, load_digits_arrays, random_flip)
 
 
 def test_digits_dataset_is_real_data_in_range():
@@ -23,6 +24,14 @@ def test_digits_dataset_is_real_data_in_range():
     mean = ds.images.mean(0)
     assert mean[:, 8:24, 12:20].mean() > 0.0 > -0.9 > mean[:, :, :2].mean()
     assert set(ds.labels.tolist()) == set(range(10))
+
+
+def test_digits_fast_loader_matches_sklearn():
+    from sklearn.datasets import load_digits
+
+    pixels, labels = load_digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(pixels, ref.data) and np.array_equal(labels, ref.target)
 
 
 def _write(path, size, color, fmt=None):

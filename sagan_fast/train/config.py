@@ -39,7 +39,7 @@ class ModelConfig:
 
     resolution: int = 32
     """Image side in pixels: 32, 64, 128 or 256."""
-    ch: int = 16
+    ch: int = 8
     """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64; the
     default is sized for digits on a CPU)."""
     z_dim: int = 128

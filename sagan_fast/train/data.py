@@ -9,6 +9,7 @@ is part of the RNG state a checkpoint restores.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
@@ -27,6 +29,26 @@ class DataError(ValueError):
     """The data source is missing, empty or entirely unreadable."""
 
 
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(1797, 64) pixel values 0..16 and (1797,) labels of scikit-learn's digits (no download).
+
+    Reads the CSV that ships inside scikit-learn (what ``sklearn.datasets.load_digits`` reads)
+    without importing scikit-learn, whose import (scipy included) takes seconds; falls back to
+    ``load_digits`` if the file is not where it is expected.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("--data digits needs scikit-learn (pip install scikit-learn)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        data = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data.astype(np.float32), digits.target.astype(np.int64)
+
+
 class DigitsDataset(Dataset):
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), bilinearly upsampled, in memory."""
 
@@ -34,14 +56,12 @@ class DigitsDataset(Dataset):
     channels = 1
 
     def __init__(self, resolution: int) -> None:
-        from sklearn.datasets import load_digits  # ships its data: no download
-
-        digits = load_digits()
-        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+        pixels, labels = load_digits_arrays()
+        images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
         # Bilinear keeps strokes smooth; align_corners=False keeps the digit centred.
         images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
         self.images = (images * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous()
-        self.labels = torch.as_tensor(digits.target, dtype=torch.long)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.images)

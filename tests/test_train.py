@@ -1,0 +1,233 @@
+"""Training: config validation, hinge loss, EMA, checkpoints, a short run's outputs, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sagan_fast.train import (EMA, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
+                              hinge_loss_d, hinge_loss_g, parse_config, train)
+from sagan_fast.train import checkpoint as ckpt
+from sagan_fast.train.config import field_docs
+
+
+def tiny_config(out: Path, **run) -> TrainConfig:
+    """The smallest model the architecture allows (32 px, ch 4), a few steps: seconds on a CPU."""
+    return TrainConfig(
+        model=ModelConfig(resolution=32, ch=4, z_dim=16, n_classes=10, attn_resolution=16),
+        data=DataConfig(data="digits", batch_size=4),
+        # d_steps=2 and an EMA that starts mid-run exercise more state; lr raised so steps move weights.
+        optim=OptimConfig(lr_g=1e-3, lr_d=2e-3, d_steps=2, ema_start=1),
+        run=RunConfig(**{"steps": 2, "out": str(out), "log_every": 1, "ckpt_every": 1, "sample_every": 1,
+                         "n_samples": 6, "keep_ckpts": 1, "progress": False, **run}),
+    )
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def test_defaults_parse_and_every_field_has_a_docstring():
+    cfg = parse_config([])
+    assert cfg == TrainConfig()
+    assert (cfg.optim.lr_g, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.d_steps) == (1e-4, 4e-4, 0.0, 0.9, 1)
+    assert cfg.data.data == "digits"
+    for section in (ModelConfig, DataConfig, OptimConfig, RunConfig):
+        docs = field_docs(section)
+        missing = [f.name for f in dataclasses.fields(section) if not docs.get(f.name)]
+        assert not missing, f"{section.__name__} fields without a docstring: {missing}"
+
+
+def test_cli_flags_reach_typed_fields():
+    cfg = parse_config(["--resolution", "64", "--ch", "8", "--batch-size", "16", "--steps", "20",
+                        "--ckpt-every", "10", "--sample-every", "10", "--out", "somewhere", "--bf16",
+                        "--no-flip", "--sync-bn", "--lr-g", "2e-4", "--d-steps", "2", "--n-classes", "10"])
+    assert (cfg.model.resolution, cfg.model.ch, cfg.model.n_classes) == (64, 8, 10)
+    assert (cfg.data.batch_size, cfg.data.flip) == (16, False)
+    assert (cfg.optim.bf16, cfg.optim.lr_g, cfg.optim.d_steps) == (True, 2e-4, 2)
+    assert (cfg.run.steps, cfg.run.ckpt_every, cfg.run.out, cfg.run.sync_bn) == (20, 10, "somewhere", True)
+    assert parse_config(["--resume"]).run.resume == "latest"
+    assert parse_config(["--no-resume"]).run.resume == "never"
+    assert parse_config(["--resume", "x.pt"]).run.resume == "x.pt"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--resolution", "48"], "--resolution: must be one of"),
+    (["--ch", "0"], "--ch: must be >= 1"),
+    (["--attn-resolution", "64"], "--attn-resolution: must be 0 or a power of two"),
+    (["--attn-resolution", "12"], "--attn-resolution"),
+    (["--sn-impl", "spectral"], "--sn-impl: must be one of"),
+    (["--attention-backend", "gpu"], "--attention-backend: must be one of"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--lr-g", "0"], "--lr-g: must be > 0"),
+    (["--beta2", "1.0"], "--beta2: must be in"),
+    (["--d-steps", "0"], "--d-steps: must be >= 1"),
+    (["--ema-decay", "1"], "--ema-decay: must be in"),
+    (["--keep-ckpts", "0"], "--keep-ckpts: must be >= 1"),
+    (["--device", "tpu"], "--device: must be"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_values_are_config_errors_naming_the_flag(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+def test_unknown_flags_and_keys_are_errors(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--learning-rate", "1"])
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+    d = TrainConfig().to_dict()
+    assert TrainConfig.from_dict(d) == TrainConfig()
+    d["optim"]["lr_gen"] = 1.0
+    with pytest.raises(ConfigError, match="lr_gen"):
+        TrainConfig.from_dict(d)
+
+
+# --- losses, EMA ------------------------------------------------------------------------------------
+
+def test_hinge_losses():
+    d_real = torch.tensor([2.0, 0.5, -1.0], dtype=torch.bfloat16)
+    d_fake = torch.tensor([-3.0, 0.0, 1.5])
+    # relu(1 - x): 0, 0.5, 2 -> 2.5/3;  relu(1 + x): 0, 1, 2.5 -> 3.5/3
+    torch.testing.assert_close(hinge_loss_d(d_real, d_fake), torch.tensor(6.0 / 3))
+    torch.testing.assert_close(hinge_loss_g(d_fake), torch.tensor(0.5))  # -mean(-3, 0, 1.5)
+    assert hinge_loss_d(d_real, d_fake).dtype == torch.float32
+
+
+def test_ema_copies_then_averages_with_warmup():
+    src = torch.nn.Linear(3, 2)
+    src.register_buffer("stat", torch.zeros(2))
+    ema = EMA(src, decay=0.9, start=1)
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    with torch.no_grad():
+        src.weight.fill_(1.0)
+        src.stat.fill_(5.0)
+    ema.update(step=1)  # up to start: a copy
+    assert torch.equal(ema.model.weight, src.weight) and torch.equal(ema.model.stat, src.stat)
+    with torch.no_grad():
+        src.weight.fill_(3.0)
+    ema.update(step=2)  # n = 1: d = min(0.9, 2/11)
+    d = 2.0 / 11.0
+    torch.testing.assert_close(ema.model.weight, torch.full((2, 3), d * 1.0 + (1 - d) * 3.0))
+    assert ema.decay_at(1000) == 0.9
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    state = ckpt.capture_rng_state(torch.device("cpu"))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.atomic_torch_save({"rng": state}, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ckpt.restore_rng_state(loaded, torch.device("cpu"))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+class _NotAllowed:
+    pass
+
+
+def test_checkpoint_files_atomic_listing_retention_and_safe_loading(tmp_path):
+    for step in (3, 10, 7):
+        ckpt.save_checkpoint(tmp_path, step, {"x": torch.ones(2)}, keep=2)
+    (tmp_path / ".step_00000011.pt.tmp123").write_bytes(b"half a file")  # an interrupted write
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000007.pt", "step_00000010.pt"]
+    assert ckpt.load_checkpoint(tmp_path / "step_00000010.pt")["step"] == 10
+    torch.save({"format": 1, "evil": _NotAllowed()}, tmp_path / "foreign.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global|_NotAllowed"):
+        ckpt.load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a sagan_fast training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """2 steps in one go (checkpoints at 1 and 2, only the last kept)."""
+    out = tmp_path_factory.mktemp("straight")
+    result = train(tiny_config(out))
+    return out, result
+
+
+def test_short_run_writes_checkpoint_samples_and_logs(straight_run):
+    out, result = straight_run
+    assert result.step == 2 and result.resumed_from is None
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
+    state = ckpt.load_checkpoint(out / "checkpoints" / "step_00000002.pt")  # weights_only=True inside
+    for key in ("G", "D", "G_ema", "opt_G", "opt_D", "sn", "rng", "sampler", "config", "step"):
+        assert key in state, key
+    assert any(k.endswith("parametrizations.weight.0._u") for k in state["D"]), "SN buffers not in the state dict"
+    assert state["opt_D"]["state"], "optimizer state is empty"
+    assert TrainConfig.from_dict(state["config"]) == tiny_config(out)
+
+    samples = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step_00000001.png", "step_00000002.png"]
+    img = Image.open(samples[-1])
+    assert img.mode == "L" and img.size == (3 * 34 + 2, 2 * 34 + 2)  # 6 samples, 3 per row, 2 px padding
+    assert np.asarray(img).std() > 1.0, "the sample grid is blank"
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "gamma/G.attention",
+                "gamma/D.attention", "sn_sigma/G_mean", "sn_sigma/D_max", "skipped_images"):
+        assert key in records[-1] and records[-1][key] is not None, key
+    assert records[-1]["gamma/G.attention"] != 0.0, "attention gamma never trained"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "config.json").read_text())["run"]["steps"] == 2
+
+
+def _assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if isinstance(a[k], dict):
+            _assert_same_state(a[k], b[k], f"{what}.{k}")
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{what}.{k} differs (max diff {(a[k].double() - b[k].double()).abs().max():.3g})"
+        else:
+            assert a[k] == b[k], f"{what}.{k}: {a[k]} != {b[k]}"
+
+
+def test_resume_is_bit_exact(straight_run, tmp_path):
+    straight_out, _ = straight_run
+    first = train(tiny_config(tmp_path, steps=1))
+    assert first.step == 1
+    # Same folder, more steps: continues automatically from step 1.
+    second = train(tiny_config(tmp_path))
+    assert second.resumed_from is not None and second.resumed_from.name == "step_00000001.pt"
+    a = ckpt.load_checkpoint(straight_out / "checkpoints" / "step_00000002.pt")
+    b = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
+    for key in ("G", "D", "G_ema", "opt_G", "opt_D", "sn", "sampler"):
+        _assert_same_state(a[key], b[key], key)
+    assert_rng_equal(a["rng"][0], b["rng"][0])
+    # Each step logged once, the log rewound to the checkpoint.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def assert_rng_equal(a: dict, b: dict) -> None:
+    assert torch.equal(a["torch"], b["torch"])
+    assert torch.equal(a["numpy"]["keys"], b["numpy"]["keys"]) and a["numpy"]["pos"] == b["numpy"]["pos"]
+
+
+def test_resume_refuses_a_different_model(straight_run, tmp_path):
+    straight_out, _ = straight_run
+    cfg = tiny_config(straight_out)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ch=8),
+                              run=dataclasses.replace(cfg.run, steps=3))
+    with pytest.raises(ConfigError, match="model settings differ.*'ch': \\(4, 8\\)"):
+        train(cfg)
+    cfg = dataclasses.replace(tiny_config(tmp_path), run=dataclasses.replace(tiny_config(tmp_path).run, resume="latest"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg)
