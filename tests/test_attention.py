@@ -163,6 +163,7 @@ def _qkv(B=1, N=8, Nk=6, E=4, Ev=5, dtype=torch.float32, device=None):
     ("Ev too large", ValueError, "Ev=513 exceeds"),
     ("bf16 in interpreter", TypeError, "bfloat16 is not supported under the Triton CPU interpreter"),
     ("empty", ValueError, "empty input"),
+    ("batch too large", ValueError, "batch 65536 exceeds"),
     ("device mismatch", ValueError, "one device"),
 ])
 def test_bad_inputs_raise_clear_errors(case, exc, match):
@@ -189,6 +190,8 @@ def test_bad_inputs_raise_clear_errors(case, exc, match):
         q, k, v = _qkv(dtype=torch.bfloat16)
     elif case == "empty":
         q, k, v = _qkv(N=0)
+    elif case == "batch too large":
+        q, k, v = (t.expand(65536, -1, -1) for t in _qkv())   # stride-0 batch: no memory
     elif case == "device mismatch":
         k = k.to("meta")
     with pytest.raises(exc, match=match):

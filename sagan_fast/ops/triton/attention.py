@@ -45,6 +45,7 @@ LN2 = math.log(2.0)
 
 MAX_E = 128
 MAX_EV = 512
+MAX_BATCH = 65535   # CUDA's limit on grid axes 1 and 2
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -338,6 +339,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError("triton sagan_attention: bfloat16 is not supported under the Triton CPU "
                         "interpreter (its bf16 dots are wrong); use float16 or float32 there")
     E, Ev = q.shape[2], v.shape[2]
+    if q.shape[0] > MAX_BATCH:
+        raise ValueError(f"triton sagan_attention: batch {q.shape[0]} exceeds {MAX_BATCH} (the batch is a "
+                         "CUDA grid axis); split the batch")
     if E > MAX_E:
         raise ValueError(f"triton sagan_attention: query/key dim E={E} exceeds the supported {MAX_E}")
     if Ev > MAX_EV:
