@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -77,11 +78,17 @@ def broadcast_buffers_once(model: nn.Module, info: DistInfo) -> None:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP with broadcast_buffers=False: the default rewrites buffers in place at every forward,
-    which breaks SN's u when D runs before an earlier graph is backpropagated (see DESIGN.md)."""
+    """DDP that does not re-broadcast buffers at every forward: that rewrites buffers in place,
+    which breaks SN's u when D runs before an earlier graph is backpropagated (see DESIGN.md).
+
+    Newer torch spells it ``forward_sync_buffers=False`` (buffers still synced once at init, which
+    we want) and deprecates ``broadcast_buffers``; torch 2.11 only knows ``broadcast_buffers``.
+    """
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 

@@ -269,6 +269,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     G, D = build_models(cfg, image_channels)
     G, D = G.to(device), D.to(device)
     if cfg.run.sync_bn and info.distributed:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm works on GPUs only (this run is on the CPU)")
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
     broadcast_buffers_once(G, info)
     broadcast_buffers_once(D, info)
