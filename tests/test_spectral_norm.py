@@ -204,6 +204,79 @@ def test_bad_inputs_raise_before_launch():
             spectral_norm_power_iteration_([w], [u], [v], [0], backend="triton")
 
 
+@_triton_ok
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_normalize_multi_matches_reference(dtype, monkeypatch):
+    """All weights in one launch, backward in two; one output gets no gradient (its weight none)."""
+    from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_BLOCK_MULTI", 64)  # several programs per weight at these sizes
+    monkeypatch.setattr(tsn, "_BLOCK_EW", 32)     # and several partial sums per weight
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    problems = [_random_problem(s, d, torch.float64) for s, d, _ in WEIGHTS]
+    dims = [d for _, d, _ in WEIGHTS]
+    sigmas = [reference.spectral_norm_sigma(reference.weight_to_matrix(w, d), u, v).to(
+        torch.promote_types(dtype, torch.float32)) for (w, u, v), d in zip(problems, dims)]
+    grads = [torch.randn_like(w) for w, _, _ in problems]
+    ws = [w.detach().clone().to(dtype).requires_grad_() for w, _, _ in problems]
+    outs = spectral_norm_normalize_multi(ws, [u.to(dtype) for _, u, v in problems],
+                                         [v.to(dtype) for _, u, v in problems], sigmas, dims, backend="triton")
+    skip = 2  # no gradient flows to this output
+    torch.autograd.backward([o for i, o in enumerate(outs) if i != skip],
+                            [g.to(dtype) for i, g in enumerate(grads) if i != skip])
+    tol = TOL[dtype]
+    for i, ((w, u, v), d, (_, _, name)) in enumerate(zip(problems, dims, WEIGHTS)):
+        w_ref = w.clone().requires_grad_()
+        out_ref = spectral_norm_normalize(w_ref, u, v, None, dim=d, backend="reference")
+        out_ref.backward(grads[i])
+        assert_close_report(outs[i], out_ref, atol=tol, rtol=tol, name=f"{name} W_sn")
+        if i == skip:
+            assert ws[i].grad is None
+        else:
+            assert_close_report(ws[i].grad, w_ref.grad, atol=tol, rtol=tol, name=f"{name} dW")
+
+
+@_triton_ok
+def test_normalize_multi_detects_in_place_change_of_u():
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    w, u, v = _random_problem((5, 7), 0, torch.float32)
+    sigma = reference.spectral_norm_sigma(reference.weight_to_matrix(w, 0), u, v)
+    (out,) = tsn.normalize_multi([w.requires_grad_()], [u], [v], [sigma], [0])
+    u.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@_triton_ok
+def test_fused_model_normalizes_all_layers_at_once(monkeypatch):
+    """Inside the model's forward the layers use the model-level W_sn (one call); a layer called
+    on its own afterwards normalizes its own weight; results equal the per-layer path."""
+    import sagan_fast.ops.spectral_norm as ops_sn
+    torch.manual_seed(9)
+    g, d = _tiny_gan("triton")
+    torch.manual_seed(9)
+    g2, d2 = _tiny_gan("triton")
+    fuse_spectral_norms(d2, normalize_all=False)
+    multi_calls, single_calls = [], []
+    multi, single = sn_mod.spectral_norm_normalize_multi, sn_mod.spectral_norm_normalize
+    monkeypatch.setattr(sn_mod, "spectral_norm_normalize_multi",
+                        lambda *a, **k: multi_calls.append(len(a[0])) or multi(*a, **k))
+    monkeypatch.setattr(sn_mod, "spectral_norm_normalize",
+                        lambda *a, **k: single_calls.append(1) or single(*a, **k))
+    x = torch.randn(3, 3, 4, 4)
+    out, out2 = d(x), d2(x)
+    assert multi_calls == [2] and len(single_calls) == 2, (multi_calls, single_calls)  # d2: per layer
+    out.sum().backward()
+    out2.sum().backward()
+    assert_close_report(out, out2, atol=1e-6, rtol=1e-6, name="D output")
+    for p, p2 in zip(d.parameters(), d2.parameters()):
+        assert_close_report(p.grad, p2.grad, atol=1e-6, rtol=1e-5, name="D grad")
+    assert all(sn._w_sn_stash is None for sn, _ in spectral_norm_layers(d))
+    d[0](x)  # alone, outside the model's forward
+    assert len(single_calls) == 3 and multi_calls == [2]
+    assert ops_sn.spectral_norm_normalize_multi is multi
+
+
 # ------------------------------------------------------------------------------------------------
 # The drop-in module vs torch's parametrization
 # ------------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import reference
-from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_power_iteration_,
-                                 spectral_norm_sigma)
+from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_normalize_multi,
+                                 spectral_norm_power_iteration_, spectral_norm_sigma)
 
 
 class SpectralNormError(FloatingPointError):
@@ -87,6 +87,9 @@ class SpectralNorm(nn.Module):
         self._seen_data_ptr = 0
         # True when a model-level pre-hook (fuse_spectral_norms) keeps this layer up to date.
         self._fused = False
+        # W_sn computed by the model-level pre-hook for the current model forward (one launch for
+        # all layers), with the weight version and grad mode it is valid for; cleared after it.
+        self._w_sn_stash: tuple[torch.Tensor, int, int, bool] | None = None
         if ndim > 1:
             weight_mat = reference.weight_to_matrix(weight.detach(), self.dim)
             h, w = weight_mat.shape
@@ -118,10 +121,22 @@ class SpectralNorm(nn.Module):
         if self.is_stale(weight):
             _power_iterate([(self, weight)], check_finite=None)
 
+    def _stashed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        stash = self._w_sn_stash
+        if stash is None or torch.compiler.is_compiling():
+            return None
+        w_sn, version, ptr, grad_mode = stash
+        if version != weight._version or ptr != weight.data_ptr() or grad_mode != torch.is_grad_enabled():
+            return None
+        return w_sn
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         if self.training:
+            w_sn = self._stashed(weight)
+            if w_sn is not None:
+                return w_sn
             # Fused layers were updated by their model's pre-hook; skipping the check keeps the
             # compiled graph free of breaks. Eager layers check their weight's version (cheap).
             if not (self._fused and torch.compiler.is_compiling()):
@@ -164,8 +179,13 @@ def _power_iterate(pairs: list[tuple[SpectralNorm, torch.Tensor]], check_finite:
                 n_power_iterations=n_iter, eps=eps, backend=backend)
             if check_finite:
                 _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
-            for i, (sn, w) in enumerate(members):
-                sn._sigma.copy_(sigmas[i])
+            buffers = [sn._sigma for sn, _ in members]
+            if all(b.dtype == sigmas.dtype for b in buffers):
+                torch._foreach_copy_(buffers, list(sigmas.unbind(0)))  # one launch, not one per layer
+            else:
+                for b, s in zip(buffers, sigmas.unbind(0)):
+                    b.copy_(s)
+            for sn, w in members:
                 sn.mark_fresh(w)
 
 
@@ -219,20 +239,55 @@ def check_spectral_norms(model: nn.Module | Iterable[nn.Module]) -> None:
         _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
 
 
+@torch.compiler.disable
+def _normalize_all(model: nn.Module) -> None:
+    """W_sn of every training-mode SN layer of ``model`` at once (one launch per group on triton),
+    stashed on the layers for this forward."""
+    groups: dict[tuple, list[tuple[SpectralNorm, torch.Tensor]]] = {}
+    for sn, w in spectral_norm_layers(model):
+        if sn.training:
+            groups.setdefault((w.device, sn.backend), []).append((sn, w))
+    grad_mode = torch.is_grad_enabled()
+    for (_, backend), members in groups.items():
+        w_sns = spectral_norm_normalize_multi(
+            [w for _, w in members], [sn._u for sn, _ in members], [sn._v for sn, _ in members],
+            [sn._sigma for sn, _ in members], [sn.dim for sn, _ in members], backend=backend)
+        for (sn, w), w_sn in zip(members, w_sns):
+            sn._w_sn_stash = (w_sn, w._version, w.data_ptr(), grad_mode)
+
+
+def _clear_stashes(model: nn.Module) -> None:
+    for sn, _ in spectral_norm_layers(model):
+        sn._w_sn_stash = None
+
+
 def _fused_pre_hook(module: nn.Module, args) -> None:
     if module.training:
         update_spectral_norms(module)
+        if getattr(module, "_sagan_fast_sn_normalize_all", False) and not torch.compiler.is_compiling():
+            _normalize_all(module)
 
 
-def fuse_spectral_norms(model: nn.Module) -> nn.Module:
+def _fused_post_hook(module: nn.Module, args, output) -> None:
+    if getattr(module, "_sagan_fast_sn_normalize_all", False) and not torch.compiler.is_compiling():
+        _clear_stashes(module)
+
+
+def fuse_spectral_norms(model: nn.Module, *, normalize_all: bool = True) -> nn.Module:
     """Update all SN weights of ``model`` together, once per weight update, before its forward.
 
-    Installs a forward pre-hook on ``model`` (idempotent). The layers keep working alone too.
+    Installs forward hooks on ``model`` (idempotent). With ``normalize_all`` (eager mode only),
+    the pre-hook also computes every layer's W / sigma at once (one launch on the triton backend,
+    and one multi-tensor backward) and the layers use it during this forward; under
+    torch.compile, and for a layer called outside the model's forward, each layer normalizes its
+    own weight. The layers keep working alone too.
     """
     for sn, _ in spectral_norm_layers(model):
         sn._fused = True
+    model._sagan_fast_sn_normalize_all = bool(normalize_all)
     if not getattr(model, "_sagan_fast_sn_fused", False):
         model.register_forward_pre_hook(_fused_pre_hook)
+        model.register_forward_hook(_fused_post_hook, always_call=True)
         model._sagan_fast_sn_fused = True
     return model
 

@@ -120,6 +120,29 @@ def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     return _backend_module(name).normalize(weight, u, v, sigma, dim)
 
 
+def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
+                                  vs: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor],
+                                  dims: Sequence[int], *, backend: str | None = None) -> list[torch.Tensor]:
+    """:func:`spectral_norm_normalize` for many weights: one launch (per dtype group) on triton,
+    a loop elsewhere. Eager autograd (torch.compile: use the per-weight op).
+
+    ``sigmas`` are one-element tensors kept in place between calls (the layers' sigma buffers).
+    """
+    weights, us, vs, sigmas, dims = list(weights), list(us), list(vs), list(sigmas), list(dims)
+    if not (len(weights) == len(us) == len(vs) == len(sigmas) == len(dims)):
+        raise ValueError(f"spectral_norm_normalize_multi: got {len(weights)} weights, {len(us)} u, "
+                         f"{len(vs)} v, {len(sigmas)} sigmas and {len(dims)} dims")
+    if not weights:
+        return []
+    dims = [check_spectral_norm_inputs(w, u, v, d, "spectral_norm_normalize_multi")
+            for w, u, v, d in zip(weights, us, vs, dims)]
+    name = resolve_backend(backend, *weights, *us, *vs, op=OP_NORMALIZE)
+    if name == "triton" and all(w.is_contiguous() for w in weights):
+        return _backend_module(name).normalize_multi(weights, us, vs, sigmas, dims)
+    return [spectral_norm_normalize(w, u, v, s, dim=d, backend=name)
+            for w, u, v, s, d in zip(weights, us, vs, sigmas, dims)]
+
+
 @torch.no_grad()
 def spectral_norm_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """sigma = u . W v from stored u, v (eval mode), as a float32 scalar tensor."""

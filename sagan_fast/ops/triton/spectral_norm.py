@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["power_iteration_", "normalize", "normalize_backward"]
+__all__ = ["power_iteration_", "normalize", "normalize_backward", "normalize_multi"]
 
 # Work per program in the power iteration (elements of W). Big enough to amortize the per-program
 # vector norms, small enough that SAGAN-128's largest weights spread over many SMs.
@@ -494,3 +494,194 @@ def normalize_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor
     """The closed-form backward alone (for tests and benchmarks)."""
     sigma = sigma.reshape(()).to(_acc_dtype(weight.dtype))
     return _normalize_backward_op(grad, weight, u, v, sigma, int(dim))
+
+
+# --- model-level normalize: every weight of a group in one launch, backward in two -------------
+
+@triton.jit
+def _scale_multi_kernel(items_ptr, ptrs_ptr, meta_ptr, out_ptr,
+                        W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[out_off + i] = W[i] / sigma for one block of one weight; the outputs share one buffer."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * 2)
+    start = tl.load(items_ptr + pid * 2 + 1)
+    w_ptr = tl.load(ptrs_ptr + wid * 5).to(tl.pointer_type(W_DTYPE))
+    sigma = tl.load(tl.load(ptrs_ptr + wid * 5 + 3).to(tl.pointer_type(S_DTYPE)))
+    out_off = tl.load(ptrs_ptr + wid * 5 + 4)
+    numel = tl.load(meta_ptr + wid * 6)
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < numel
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + out_off + offs, (w.to(S_DTYPE) / sigma).to(W_DTYPE), mask=m)
+
+
+@triton.jit
+def _dot_partials_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, part_ptr,
+                               W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """part[part_off + k] = sum of G * W over chunk k of one weight."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * 2)
+    k = tl.load(items_ptr + pid * 2 + 1)
+    w_ptr = tl.load(ptrs_ptr + wid * 5).to(tl.pointer_type(W_DTYPE))
+    g_ptr = tl.load(grad_ptrs_ptr + wid * 2).to(tl.pointer_type(W_DTYPE))
+    numel = tl.load(meta_ptr + wid * 6)
+    part_off = tl.load(meta_ptr + wid * 6 + 4)
+    chunk = tl.load(meta_ptr + wid * 6 + 5)
+    start = k * chunk
+    end = tl.minimum(start + chunk, numel)
+    acc = tl.zeros([BLOCK], ACC)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < end
+        acc += tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC) * tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
+    tl.store(part_ptr + part_off + k, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _normalize_backward_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, part_ptr,
+                                     W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
+                                     S_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                                     BLOCK_P: tl.constexpr):
+    """dW = (G - <G, W_sn> u v^T) / sigma for one block of one weight."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * 2)
+    start = tl.load(items_ptr + pid * 2 + 1)
+    u_ptr = tl.load(ptrs_ptr + wid * 5 + 1).to(tl.pointer_type(U_DTYPE))
+    v_ptr = tl.load(ptrs_ptr + wid * 5 + 2).to(tl.pointer_type(V_DTYPE))
+    sigma = tl.load(tl.load(ptrs_ptr + wid * 5 + 3).to(tl.pointer_type(S_DTYPE))).to(ACC)
+    g_ptr = tl.load(grad_ptrs_ptr + wid * 2).to(tl.pointer_type(W_DTYPE))
+    dw_ptr = tl.load(grad_ptrs_ptr + wid * 2 + 1).to(tl.pointer_type(W_DTYPE))
+    numel = tl.load(meta_ptr + wid * 6)
+    B = tl.load(meta_ptr + wid * 6 + 1)
+    C = tl.load(meta_ptr + wid * 6 + 2)
+    n_parts = tl.load(meta_ptr + wid * 6 + 3)
+    part_off = tl.load(meta_ptr + wid * 6 + 4)
+    p = tl.arange(0, BLOCK_P)
+    inner = tl.sum(tl.load(part_ptr + part_off + p, mask=p < n_parts, other=0.0), axis=0) / sigma
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < numel
+    BC = B * C
+    a = offs // BC
+    rem = offs - a * BC
+    b = rem // C
+    c = rem - b * C
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+    u = tl.load(u_ptr + b, mask=m, other=0.0).to(ACC)
+    v = tl.load(v_ptr + a * C + c, mask=m, other=0.0).to(ACC)
+    tl.store(dw_ptr + offs, ((g - inner * u * v) / sigma).to(W_DTYPE), mask=m)
+
+
+_BLOCK_MULTI = 2048
+
+
+class _MultiPlan:
+    """Static tables for normalizing one list of weights: built once while pointers hold."""
+
+    def __init__(self, weights, us, vs, sigmas, dims, device):
+        ptrs, meta, items, items_dot = [], [], [], []
+        out_off = part_off = 0
+        for i, (w, u, v, s, d) in enumerate(zip(weights, us, vs, sigmas, dims)):
+            numel = w.numel()
+            if numel >= 2**31 - _BLOCK_MULTI:
+                raise ValueError("spectral norm (triton): a weight is too large for 32-bit indexing")
+            _, B, C = _abc(w.shape, d)
+            n_parts = min(_cdiv(numel, _BLOCK_EW), _MAX_PARTIALS)
+            chunk = _cdiv(_cdiv(numel, n_parts), _BLOCK_EW) * _BLOCK_EW
+            n_parts = _cdiv(numel, chunk)
+            ptrs.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), s.data_ptr(), out_off])
+            meta.append([numel, B, C, n_parts, part_off, chunk])
+            items += [[i, start] for start in range(0, numel, _BLOCK_MULTI)]
+            items_dot += [[i, k] for k in range(n_parts)]
+            out_off += numel
+            part_off += n_parts
+        self.ptrs = torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
+        self.meta = torch.tensor(meta, dtype=torch.int32).to(device, non_blocking=True)
+        self.items = torch.tensor(items, dtype=torch.int32).to(device, non_blocking=True)
+        self.items_dot = torch.tensor(items_dot, dtype=torch.int32).to(device, non_blocking=True)
+        self.n_items, self.n_dot = len(items), len(items_dot)
+        self.total, self.n_parts_total = out_off, part_off
+        self.sizes = [w.numel() for w in weights]
+
+
+def _multi_plan_for(weights, us, vs, sigmas, dims) -> _MultiPlan:
+    key = ("multi",) + tuple((w.data_ptr(), u.data_ptr(), v.data_ptr(), s.data_ptr(), tuple(w.shape), d)
+                             for w, u, v, s, d in zip(weights, us, vs, sigmas, dims))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _MultiPlan(weights, us, vs, sigmas, dims, weights[0].device)
+    return plan
+
+
+class _NormalizeMulti(torch.autograd.Function):
+    """W_sn for every weight of one group (same weight, u, v and sigma dtypes), in one launch."""
+
+    @staticmethod
+    def forward(ctx, us, vs, sigmas, dims, *weights):
+        plan = _multi_plan_for(weights, us, vs, sigmas, dims)
+        w_t, s_t = _TL_DTYPES[weights[0].dtype], _TL_DTYPES[sigmas[0].dtype]
+        flat = torch.empty(plan.total, device=weights[0].device, dtype=weights[0].dtype)
+        _scale_multi_kernel[(plan.n_items,)](plan.items, plan.ptrs, plan.meta, flat,
+                                             W_DTYPE=w_t, S_DTYPE=s_t, BLOCK=_BLOCK_MULTI)
+        ctx.plan, ctx.weights_meta = plan, (weights[0].dtype, us[0].dtype, vs[0].dtype, sigmas[0].dtype)
+        ctx.weights = weights  # parameters: alive anyway; u, v, sigma saved to catch in-place changes
+        ctx.save_for_backward(*us, *vs, *sigmas)
+        ctx.set_materialize_grads(False)
+        return tuple(o.view(w.shape) for o, w in zip(flat.split(plan.sizes), weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan = ctx.plan
+        ctx.saved_tensors  # noqa: B018  (raises if u, v or sigma changed in place since forward)
+        weights = ctx.weights
+        w_dtype, u_dtype, v_dtype, s_dtype = ctx.weights_meta
+        device = weights[0].device
+        grads = [g.contiguous() if g is not None else None for g in grads]
+        d_weights = [torch.empty_like(w) if g is not None else None for w, g in zip(weights, grads)]
+        # An output that got no gradient gives its weight none; its programs still run (the tables
+        # are static), so they read and write a zero scratch tensor.
+        table, scratch = [], []
+        for w, g, dw in zip(weights, grads, d_weights):
+            if g is None:
+                g = dw = torch.zeros_like(w)
+                scratch.append(g)
+            table.append([g.data_ptr(), dw.data_ptr()])
+        grad_ptrs = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        acc = _acc_dtype(w_dtype)
+        partials = torch.empty(plan.n_parts_total, device=device, dtype=acc)
+        _dot_partials_multi_kernel[(plan.n_dot,)](plan.items_dot, plan.ptrs, grad_ptrs, plan.meta, partials,
+                                                  W_DTYPE=_TL_DTYPES[w_dtype], ACC=_TL_DTYPES[acc],
+                                                  BLOCK=_BLOCK_EW)
+        _normalize_backward_multi_kernel[(plan.n_items,)](
+            plan.items, plan.ptrs, grad_ptrs, plan.meta, partials,
+            W_DTYPE=_TL_DTYPES[w_dtype], U_DTYPE=_TL_DTYPES[u_dtype], V_DTYPE=_TL_DTYPES[v_dtype],
+            S_DTYPE=_TL_DTYPES[s_dtype], ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_MULTI,
+            BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
+        return (None, None, None, None, *d_weights)
+
+
+def normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
+                    sigmas: Sequence[torch.Tensor], dims: Sequence[int]) -> list[torch.Tensor]:
+    """``[W / sigma for each weight]`` in one launch per dtype group; backward in two launches.
+
+    Eager autograd only (torch.compile uses the per-layer :func:`normalize`). Weights must be
+    contiguous; sigmas are one-element tensors that stay alive and in place (the layers' buffers):
+    the launch tables are cached on their addresses. The outputs are views of one buffer.
+    """
+    weights, us, vs, sigmas, dims = list(weights), list(us), list(vs), list(sigmas), [int(d) for d in dims]
+    for w, s in zip(weights, sigmas):
+        _check_normalize(w, s)
+        if not w.is_contiguous():
+            raise ValueError("normalize_multi (triton): weights must be contiguous; use normalize()")
+    _check_vectors(weights, us, vs)
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, u, v, s) in enumerate(zip(weights, us, vs, sigmas)):
+        groups.setdefault((w.dtype, u.dtype, v.dtype, s.dtype), []).append(i)
+    for idx in groups.values():
+        res = _NormalizeMulti.apply([us[i] for i in idx], [vs[i] for i in idx], [sigmas[i] for i in idx],
+                                    [dims[i] for i in idx], *[weights[i] for i in idx])
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out
