@@ -12,7 +12,8 @@ What is timed, per implementation:
 - forward: one training-mode evaluation of every weight (power iteration + W / sigma), as a
   training step pays it once per weight update. Torch: ``module.weight`` for every layer. Ours:
   ``update_spectral_norms(force=True)`` (the multi-tensor power iteration, no sigma check sync)
-  then ``module.weight`` for every layer; also split into its two parts.
+  then ``module.weight`` for every layer (per-layer W / sigma) or, for "triton+fused", every
+  W / sigma in one call (what ``fuse_spectral_norms`` does in eager mode); also split into parts.
 - backward: dL/dW for every layer from random dL/dW_sn (``torch.autograd.backward``).
 
 Also: kernel launches (torch.profiler), peak memory, the error of W_sn against float64 from the
@@ -37,7 +38,8 @@ from bench.common import (Report, card_info, count_kernel_launches, default_devi
 from sagan_fast.nn.spectral_norm import spectral_norm, spectral_norm_layers, update_spectral_norms  # noqa: E402
 from sagan_fast.ops import reference  # noqa: E402
 from sagan_fast.ops._backend import why_unavailable  # noqa: E402
-from sagan_fast.ops.spectral_norm import OP_NORMALIZE, OP_POWER_ITERATION  # noqa: E402
+from sagan_fast.ops.spectral_norm import (OP_NORMALIZE, OP_POWER_ITERATION,  # noqa: E402
+                                          spectral_norm_normalize_multi)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,14 +90,22 @@ def expected_w_sn(state) -> list[torch.Tensor]:
 
 
 def run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report):
-    model = build(impl, specs, device, dtype)
+    """``impl``: "torch", a backend name (per-layer W / sigma), or "<backend>+fused" (all layers'
+    W / sigma in one call, as ``fuse_spectral_norms`` does in eager mode)."""
+    backend, fused = impl.split("+")[0], impl.endswith("+fused")
+    model = build(backend, specs, device, dtype)
     state = snapshot(model, specs)
     ours = impl != "torch"
+    layers = [h.parametrizations.weight for h in model]
 
     def power_iteration():
         update_spectral_norms(model, force=True, check_finite=False)
 
     def normalize():
+        if fused:
+            return spectral_norm_normalize_multi(
+                [p.original for p in layers], [p[0]._u for p in layers], [p[0]._v for p in layers],
+                [p[0]._sigma for p in layers], [p[0].dim for p in layers], backend=backend)
         return [h.weight for h in model]
 
     def forward():
@@ -191,7 +201,8 @@ def main(argv=None) -> int:
         report.add(impl="copy of the same bytes (on the device)", dtype=str(dtype).replace("torch.", ""),
                    fwd_ms=t_copy.median_ms, fwd_GBps=copy_gbps)
         say(f"  copy {dtype}: {copy_gbps:.0f} GB/s")
-        for impl in ["torch", *backends]:
+        impls = ["torch", *backends] + (["triton+fused"] if "triton" in backends else [])
+        for impl in impls:
             try:
                 run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report)
             except Exception as exc:  # one broken backend must not hide the others' numbers
