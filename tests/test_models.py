@@ -1,5 +1,7 @@
 """SAGAN Generator / Discriminator: shapes, SN everywhere, attention, sn_impl interchange, errors."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -160,6 +162,8 @@ def test_config_rebuilds_the_same_model():
     assert G.config == dict(resolution=64, ch=CH[64], z_dim=Z_DIM, n_classes=7, attn_resolution=16,
                             image_channels=3, sn_impl="sagan_fast", attention_backend=None, init="xavier",
                             attention_impl="naive", sn_backend=None)
+    # Checkpoints store it as JSON-like data: it must round-trip.
+    assert json.loads(json.dumps(D.config)) == D.config
     G2, D2 = Generator(**G.config), Discriminator(**D.config)
     G2.load_state_dict(G.state_dict())
     D2.load_state_dict(D.state_dict())
@@ -245,25 +249,24 @@ def test_models_on_triton_spectral_norm_match_reference():
 
 
 def test_gan_step_under_torch_compile():
-    """D on real then on fake before one backward, then a G step, all compiled (aot_eager: the
-    tracing is what can break; inductor's codegen is not ours to test here)."""
+    """D compiled (aot_eager: the tracing is what breaks torch's SN; inductor's codegen is not
+    ours to test), called on real then on fake before one backward, stepped, then called again:
+    its SN must see the new weights. G stays eager to keep the test cheap: same layers as D."""
     torch.manual_seed(6)
     G, D = _models(32, 3, attn_resolution=16)
     torch.manual_seed(6)
-    G_eager, D_eager = _models(32, 3, attn_resolution=16)
-    G_c, D_c = torch.compile(G, backend="aot_eager"), torch.compile(D, backend="aot_eager")
+    _, D_eager = _models(32, 3, attn_resolution=16)
+    D_c = torch.compile(D, backend="aot_eager")
     z, y, real = torch.randn(2, Z_DIM), _labels(2, 3), torch.randn(2, 3, 32, 32)
+    fake = G(z, y)
     results = []
-    for g, d in ((G_c, D_c), (G_eager, D_eager)):
+    for d in (D_c, D_eager):
         opt_d = torch.optim.SGD(d.parameters(), lr=0.05)
-        d_loss = torch.relu(1 - d(real, y)).mean() + torch.relu(1 + d(g(z, y).detach(), y)).mean()
+        d_loss = torch.relu(1 - d(real, y)).mean() + torch.relu(1 + d(fake.detach(), y)).mean()
         d_loss.backward()
         opt_d.step()
-        g_loss = -d(g(z, y), y).mean()  # D's weights changed: its SN must update first
-        g_loss.backward()
-        results.append((d_loss.detach(), g_loss.detach()))
-    (d_c, g_c), (d_e, g_e) = results
-    assert_close_report(d_c, d_e, atol=1e-5, rtol=1e-4, name="compiled D loss")
-    assert_close_report(g_c, g_e, atol=1e-5, rtol=1e-4, name="compiled G loss")
-    for p_c, p_e in zip(G.parameters(), G_eager.parameters()):
-        assert_close_report(p_c.grad, p_e.grad, atol=1e-5, rtol=1e-3, name="compiled G grad")
+        g_loss = -d(fake, y).mean()  # D's weights changed: its SN must update first
+        (grad_fake,) = torch.autograd.grad(g_loss, fake, retain_graph=True)
+        results.append((d_loss.detach(), g_loss.detach(), grad_fake))
+    for name, compiled, eager in zip(("D loss", "G loss", "dG_loss/dfake"), *results):
+        assert_close_report(compiled, eager, atol=1e-5, rtol=1e-4, name=f"compiled {name}")
