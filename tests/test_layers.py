@@ -115,6 +115,14 @@ def test_conditional_batch_norm_applies_each_samples_class_gain_and_bias():
     assert cbn.gain.grad[0].abs().min() > 0
 
 
+def test_conditional_batch_norm_accepts_int32_labels():
+    cbn = ConditionalBatchNorm2d(3, n_classes=4)
+    with torch.no_grad():
+        cbn.gain.copy_(torch.randn(4, 3))
+    x, y = torch.randn(3, 3, 2, 5), torch.tensor([3, 0, 3])
+    assert torch.equal(cbn(x, y.int()), cbn(x, y))
+
+
 def test_conditional_batch_norm_eval_uses_shared_running_stats():
     cbn = ConditionalBatchNorm2d(3, n_classes=2, momentum=1.0).double()  # momentum 1: stats = last batch
     x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 2 + 3
@@ -146,12 +154,13 @@ def test_conditional_batch_norm_channels_last_and_bf16_autocast():
     ((2, 5, 3, 3), torch.tensor([0, 1]), ValueError, r"expects \(B, 4, H, W\)"),
     ((2, 4, 3), torch.tensor([0, 1]), ValueError, r"expects \(B, 4, H, W\)"),
     ((2, 4, 3, 3), torch.tensor([0.0, 1.0]), TypeError, "integer class indices"),
+    ((2, 4, 3, 3), torch.tensor([0, 1], dtype=torch.uint8), TypeError, "integer class indices"),
     ((2, 4, 3, 3), torch.tensor([0, 1, 2]), ValueError, r"shape \(2,\)"),
     ((2, 4, 3, 3), torch.tensor([[0, 1]]), ValueError, r"shape \(2,\)"),
     ((2, 4, 3, 3), torch.tensor([0, 3]), ValueError, r"in \[0, 3\)"),
     ((2, 4, 3, 3), torch.tensor([-1, 0]), ValueError, r"in \[0, 3\)"),
     ((2, 4, 3, 3), None, TypeError, "LongTensor"),
-], ids=["channels", "rank", "float_y", "y_batch", "y_rank", "y_too_big", "y_negative", "y_none"])
+], ids=["channels", "rank", "float_y", "uint8_y", "y_batch", "y_rank", "y_too_big", "y_negative", "y_none"])
 def test_conditional_batch_norm_bad_input(x_shape, y, error, match):
     cbn = ConditionalBatchNorm2d(4, n_classes=3)
     with pytest.raises(error, match=match):

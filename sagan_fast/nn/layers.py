@@ -103,8 +103,9 @@ def check_class_labels(y: torch.Tensor, batch: int, n_classes: int, where: str) 
     """Clear errors for class labels: an integer (B,) tensor, in range (checked on CPU only)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{where}: y must be a LongTensor of class indices, got {type(y).__name__}")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{where}: y must hold integer class indices, got dtype {y.dtype}")
+    # int64 / int32 only: torch would read a uint8 or bool tensor as a mask, not as indices.
+    if y.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{where}: y must hold integer class indices (int64 or int32), got dtype {y.dtype}")
     if y.ndim != 1 or y.shape[0] != batch:
         raise ValueError(f"{where}: y must have shape ({batch},) (one class per sample), got {tuple(y.shape)}")
     # Only on CPU: on CUDA this would be a device sync per forward.
