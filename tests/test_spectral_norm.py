@@ -535,10 +535,19 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     pi = {"items_ptr": "*i32", "ptrs_ptr": "*i64", "meta_ptr": "*i32", "t_part_ptr": "*fp32",
           "s_part_ptr": "*fp32", "eps_ptr": "*fp32"}
     for wt in (tl.float32, tl.bfloat16):
-        build(T._matvec_kernel, {**pi, **dict.fromkeys(["W_DTYPE", "V_DTYPE", "ACC", "V_FROM_S", "BLOCK_R", "BLOCK_K"], "constexpr")},
-              {"W_DTYPE": wt, "V_DTYPE": wt, "ACC": tl.float32, "V_FROM_S": wt == tl.bfloat16, "BLOCK_R": 16, "BLOCK_K": 128})
-        build(T._rmatvec_kernel, {**pi, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "ACC", "BLOCK_R", "BLOCK_K"], "constexpr")},
-              {"W_DTYPE": wt, "U_DTYPE": wt, "ACC": tl.float32, "BLOCK_R": 16, "BLOCK_K": 128})
+        build(T._matvec_kernel, {**pi, **dict.fromkeys(["W_DTYPE", "V_DTYPE", "ACC", "V_FROM_S", "BLOCK_R", "BLOCK_K", "BLOCK_N"], "constexpr")},
+              {"W_DTYPE": wt, "V_DTYPE": wt, "ACC": tl.float32, "V_FROM_S": wt == tl.bfloat16, "BLOCK_R": 16, "BLOCK_K": 128, "BLOCK_N": 1024})
+        build(T._rmatvec_kernel, {**pi, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "ACC", "BLOCK_R", "BLOCK_K", "BLOCK_N"], "constexpr")},
+              {"W_DTYPE": wt, "U_DTYPE": wt, "ACC": tl.float32, "BLOCK_R": 16, "BLOCK_K": 128, "BLOCK_N": 1024})
+        mt = {"items_ptr": "*i32", "ptrs_ptr": "*i64", "grad_ptrs_ptr": "*i64", "meta_ptr": "*i32", "part_ptr": "*fp32"}
+        build(T._scale_multi_kernel, {"items_ptr": "*i32", "ptrs_ptr": "*i64", "meta_ptr": "*i32",
+                                      "out_ptr": "*fp32" if wt == tl.float32 else "*bf16", "W_DTYPE": "constexpr", "S_DTYPE": "constexpr", "BLOCK": "constexpr"},
+              {"W_DTYPE": wt, "S_DTYPE": tl.float32, "BLOCK": 2048})
+        build(T._dot_partials_multi_kernel, {**mt, **dict.fromkeys(["W_DTYPE", "ACC", "BLOCK"], "constexpr")},
+              {"W_DTYPE": wt, "ACC": tl.float32, "BLOCK": 1024})
+        build(T._normalize_backward_multi_kernel,
+              {**mt, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "V_DTYPE", "S_DTYPE", "ACC", "BLOCK", "BLOCK_P"], "constexpr")},
+              {"W_DTYPE": wt, "U_DTYPE": wt, "V_DTYPE": wt, "S_DTYPE": tl.float32, "ACC": tl.float32, "BLOCK": 2048, "BLOCK_P": 512})
         build(T._finalize_kernel, {"ptrs_ptr": "*i64", "meta_ptr": "*i32", "s_part_ptr": "*fp32", "sigma_ptr": "*fp32",
                                    "eps_ptr": "*fp32", "V_DTYPE": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"},
               {"V_DTYPE": wt, "ACC": tl.float32, "BLOCK": 1024})

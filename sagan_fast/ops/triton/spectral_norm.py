@@ -39,6 +39,7 @@ __all__ = ["power_iteration_", "normalize", "normalize_backward", "normalize_mul
 _ELEMS_PER_PROGRAM = 1 << 17
 _BLOCK_R = 16    # rows of W per tile
 _BLOCK_K = 128   # columns of W per tile (the contiguous direction for dim 0)
+_BLOCK_N = 1024  # vector chunk for the norms of t, s (16384 rows in SAGAN-128 G's first linear)
 _BLOCK_EW = 1024  # elements per program in the elementwise kernels
 _MAX_PARTIALS = 512  # programs of the <G, W> reduction; every backward program sums them all
 
@@ -81,7 +82,8 @@ def _inv_norm(part_ptr, base, n_splits, n, eps, ACC: tl.constexpr, BLOCK: tl.con
 @triton.jit
 def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_ptr,
                    W_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                   V_FROM_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                   V_FROM_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """Partial t = W v over rows [r0, r0 + BLOCK_R) and one column chunk; v from its buffer or,
     after the first iteration, v = s / max(|s|, eps) from the workspace."""
     pid = tl.program_id(0)
@@ -101,7 +103,7 @@ def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_pt
     v_ptr = tl.load(ptrs_ptr + wid * 3 + 2).to(tl.pointer_type(V_DTYPE))
 
     if V_FROM_S:
-        v_scale = _inv_norm(s_part_ptr, s_off, n_rsplit, K, eps, ACC, BLOCK_K)
+        v_scale = _inv_norm(s_part_ptr, s_off, n_rsplit, K, eps, ACC, BLOCK_N)
     rows = r0 + tl.arange(0, BLOCK_R)
     row_mask = rows < B
     row_offs = rows.to(tl.int64) * C
@@ -126,7 +128,7 @@ def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_pt
 @triton.jit
 def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_ptr,
                     W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """u = t / max(|t|, eps) (written by the weight's first program); partial s = W^T u over
     columns [c0, c0 + BLOCK_K) and one row chunk."""
     pid = tl.program_id(0)
@@ -145,10 +147,10 @@ def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_p
     w_ptr = tl.load(ptrs_ptr + wid * 3).to(tl.pointer_type(W_DTYPE))
     u_ptr = tl.load(ptrs_ptr + wid * 3 + 1).to(tl.pointer_type(U_DTYPE))
 
-    u_scale = _inv_norm(t_part_ptr, t_off, n_csplit, B, eps, ACC, BLOCK_R)
+    u_scale = _inv_norm(t_part_ptr, t_off, n_csplit, B, eps, ACC, BLOCK_N)
     if (c0 == 0) & (split == 0):
-        for r in range(0, B, BLOCK_R):
-            idx = r + tl.arange(0, BLOCK_R)
+        for r in range(0, B, BLOCK_N):
+            idx = r + tl.arange(0, BLOCK_N)
             m = idx < B
             t = _sum_splits(t_part_ptr, t_off, n_csplit, B, idx, m, ACC)
             tl.store(u_ptr + idx, (t * u_scale).to(U_DTYPE), mask=m)
@@ -349,12 +351,12 @@ def _power_iteration_group(weights, us, vs, dims, n_power_iterations, eps) -> to
     for it in range(n_power_iterations):
         _matvec_kernel[(plan.n_mv,)](plan.items_mv, plan.ptrs, plan.meta, t_part, s_part, eps,
                                      W_DTYPE=w_t, V_DTYPE=v_t, ACC=acc_t, V_FROM_S=it > 0,
-                                     BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+                                     BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
         _rmatvec_kernel[(plan.n_rmv,)](plan.items_rmv, plan.ptrs, plan.meta, t_part, s_part, eps,
                                        W_DTYPE=w_t, U_DTYPE=u_t, ACC=acc_t,
-                                       BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K)
+                                       BLOCK_R=_BLOCK_R, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N)
     _finalize_kernel[(len(weights),)](plan.ptrs, plan.meta, s_part, sigmas, eps,
-                                      V_DTYPE=v_t, ACC=acc_t, BLOCK=1024)
+                                      V_DTYPE=v_t, ACC=acc_t, BLOCK=_BLOCK_N)
     return sigmas
 
 
