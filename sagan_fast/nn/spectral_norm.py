@@ -15,7 +15,13 @@ What differs from torch, on purpose:
 - The update runs outside any compiled graph (``torch.compiler.disable``), so ``torch.compile``
   of a whole GAN step works; the normalization itself is an op registered with torch.library.
 - :func:`fuse_spectral_norms` makes a model update all of its stale SN weights together, in one
-  multi-tensor launch, before its forward.
+  multi-tensor launch, before its forward; in eager mode it also computes every layer's
+  W / sigma at once (triton: one launch forward, two backward, for the whole model), which the
+  layers use during that forward. Under torch.compile, and for a layer called on its own, each
+  layer normalizes its own weight (one launch forward, two backward on triton).
+- Which layers: every parametrization whose weight has 2+ dims; 1-D weights are normalized
+  exactly by their own forward, as torch. Non-contiguous weights (channels_last convs) work, at
+  the cost of a contiguous copy, and leave the model-level normalize to the per-layer path.
 
 Zero, NaN and Inf weights: eps floors the norms, as torch, so a zero weight gives sigma = 0; the
 update checks every sigma it computes is finite and positive (one device sync per update, for all
