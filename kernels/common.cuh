@@ -9,6 +9,11 @@
 
 #include "sagan_fast_kernels.h"
 
+// The block's dynamic shared memory (a macro so the CPU emulator in kernels/tests/emu can map it).
+#ifndef SAGAN_DYNAMIC_SMEM
+#define SAGAN_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace sagan_fast {
 namespace kernels {
 namespace detail {

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Geometry g,
                                                                      MutView<T> out, Acc_t<T>* lse) {
   using C = Tiles<T>;
   using Acc = Acc_t<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SAGAN_DYNAMIC_SMEM(smem_raw);
   const int64_t b = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.x) * C::BM;
   const int64_t ev0 = int64_t(blockIdx.y) * g.ev_chunk;
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_dk_kernel(Geometry g, V
                                                                    const Acc_t<T>* delta, MutView<T> grad) {
   using C = Tiles<T>;
   using Acc = Acc_t<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SAGAN_DYNAMIC_SMEM(smem_raw);
   const int64_t b = blockIdx.z;
   const int ldq = g.Epad + C::kPad, ldv = g.ev_chunk + C::kPad, lds = C::BN + C::kPadAcc, ldp = C::BN + C::kPad,
             lda = g.Epad + C::kPadAcc;
@@ -440,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) attention_dv_kernel(Geometry g, View
                                                                 const Acc_t<T>* lse, MutView<T> grad_v) {
   using C = Tiles<T>;
   using Acc = Acc_t<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SAGAN_DYNAMIC_SMEM(smem_raw);
   const int64_t b = blockIdx.z;
   const int64_t k0 = int64_t(blockIdx.x) * C::BN;
   const int64_t e0 = int64_t(blockIdx.y) * g.ev_chunk;

@@ -109,7 +109,15 @@ bool run_case(const Case& c, DType dt, std::mt19937_64& rng) {
 
 }  // namespace
 
-int main() {
+// Optional arguments: dtype names to run (fp16 bf16 fp32 fp64); default all.
+bool selected(int argc, char** argv, DType dt) {
+  if (argc < 2) return true;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == test::dtype_name(dt)) return true;
+  return false;
+}
+
+int main(int argc, char** argv) {
   if (!test::have_gpu()) return test::skip_without_gpu("test_attention");
   std::mt19937_64 rng(1234);
   const Case cases[] = {
@@ -119,7 +127,8 @@ int main() {
   const DType dtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
   int failures = 0;
   for (DType dt : dtypes)
-    for (const Case& c : cases) failures += !run_case(c, dt, rng);
+    if (selected(argc, argv, dt))
+      for (const Case& c : cases) failures += !run_case(c, dt, rng);
   std::printf("%s\n", failures ? "FAILED" : "PASSED");
   return failures ? 1 : 0;
 }

@@ -119,12 +119,21 @@ bool run(DType dt, int n_iter, std::mt19937_64& rng) {
 
 }  // namespace
 
-int main() {
+// Optional arguments: dtype names to run (fp16 bf16 fp32 fp64); default all.
+bool selected(int argc, char** argv, DType dt) {
+  if (argc < 2) return true;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == test::dtype_name(dt)) return true;
+  return false;
+}
+
+int main(int argc, char** argv) {
   if (!test::have_gpu()) return test::skip_without_gpu("test_spectral_norm");
   std::mt19937_64 rng(42);
   int failures = 0;
   for (DType dt : {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16})
-    for (int n_iter : {1, 3}) failures += !run(dt, n_iter, rng);
+    if (selected(argc, argv, dt))
+      for (int n_iter : {1, 3}) failures += !run(dt, n_iter, rng);
   std::printf("%s\n", failures ? "FAILED" : "PASSED");
   return failures ? 1 : 0;
 }
