@@ -1,0 +1,264 @@
+"""An image folder prepared once into one uint8 array at the training resolution, read memory-mapped.
+
+Decoding JPEGs and resizing them is what limits a GAN's input pipeline (a SAGAN-128 step on one
+H100 wants over a thousand images per second); BigGAN-PyTorch and StudioGAN prepare an HDF5 file
+once for the same reason. Here the prepared form is a folder::
+
+    DST/images.npy   uint8 (N, R, R, C), NHWC: one memory-mapped array, one gather per batch
+    DST/index.json   format, resolution, count, channels, source, skipped files
+
+``images.npy`` is read through ``np.load(mmap_mode="r")``: the OS page cache serves every worker
+process and rank from one copy. NHWC on disk is what channels_last wants on the GPU: the uint8
+batch goes to the device as is (a quarter of float32's bytes) and
+:func:`to_training_batch` turns it into a float NCHW channels_last view in [-1, 1] with random flips,
+on the GPU.
+
+The decoding and cropping are :class:`sagan_fast.train.data.ImageFolderDataset`'s (imported, not
+copied), so a prepared dataset holds the very pixels the folder dataset would produce; an
+unreadable file is skipped, counted in the index and named in a warning, as there.
+
+Preparing (writes DST atomically: a temporary sibling folder renamed at the end)::
+
+    python -m sagan_fast.train.prepared_data SRC DST --resolution 128 [--workers 8] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import DataError, ImageFolderDataset, ShardedBatchSampler
+
+FORMAT = "sagan_fast.prepared_images/1"
+IMAGES_FILE = "images.npy"
+INDEX_FILE = "index.json"
+_UNREADABLE = (OSError, ValueError, SyntaxError)  # what data.ImageFolderDataset skips
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder written by :func:`prepare` (its index names our format)."""
+    index = Path(path) / INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> list[np.ndarray | str]:
+    """Worker: uint8 (R, R, 3) per file, or the error text for an unreadable one."""
+    files, resolution = args
+    ds = ImageFolderDataset.__new__(ImageFolderDataset)  # only .load is used: no folder listing
+    ds.files, ds.resolution, ds._warned = [Path(f) for f in files], resolution, set()
+    out: list[np.ndarray | str] = []
+    for i in range(len(files)):
+        try:
+            x = ds.load(i)  # float (3, R, R) = k / 127.5 - 1 for the decoded byte k
+        except _UNREADABLE as err:
+            out.append(f"{type(err).__name__}: {err}")
+            continue
+        # Exact inverse of load's scaling: (k/127.5 - 1 + 1) * 127.5 is within 1e-4 of the integer k.
+        out.append(((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    return out
+
+
+def prepare(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, workers: int | None = None,
+            chunk: int = 64, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Decode every image under ``src`` once into ``dst`` (see the module doc); returns the index.
+
+    ``workers`` decoding processes (default: the CPU count; 0: in this process). Raises
+    :class:`~sagan_fast.train.data.DataError` if ``src`` has no image or none is readable, and
+    ``FileExistsError`` if ``dst`` exists and ``overwrite`` is False.
+    """
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists (pass --overwrite to replace it)")
+    files = ImageFolderDataset(src, resolution).files  # its listing and its errors for a bad folder
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        shape = (len(files), resolution, resolution, 3)
+        images = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
+        chunks = [([str(f) for f in files[i:i + chunk]], resolution) for i in range(0, len(files), chunk)]
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        count, skipped = 0, []
+        pool = ProcessPoolExecutor(workers) if workers > 0 and len(chunks) > 1 else None
+        try:
+            results = pool.map(_decode_chunk, chunks) if pool else map(_decode_chunk, chunks)
+            for (names, _), decoded in zip(chunks, results):  # in order: the array follows the sorted listing
+                for name, item in zip(names, decoded):
+                    if isinstance(item, str):
+                        skipped.append(name)
+                        warnings.warn(f"skipping unreadable image {name}: {item}", stacklevel=2)
+                    else:
+                        images[count] = item
+                        count += 1
+                if not quiet:
+                    print(f"\rprepared {count + len(skipped)}/{len(files)}", end="", file=sys.stderr, flush=True)
+        finally:
+            if pool:
+                pool.shutdown()
+        if not quiet:
+            print(file=sys.stderr)
+        if count == 0:
+            raise DataError(f"none of the {len(files)} images under {src} could be read")
+        images.flush()
+        del images
+        if count < len(files):  # rare (unreadable files): rewrite at the exact length
+            full = np.load(tmp / IMAGES_FILE, mmap_mode="r")
+            exact = np.lib.format.open_memmap(tmp / "exact.npy", mode="w+", dtype=np.uint8,
+                                              shape=(count,) + shape[1:])
+            for i in range(0, count, 1024):
+                exact[i:i + 1024] = full[i:min(i + 1024, count)]
+            exact.flush()
+            del exact, full
+            os.replace(tmp / "exact.npy", tmp / IMAGES_FILE)
+        index = {"format": FORMAT, "resolution": resolution, "count": count, "channels": 3,
+                 "layout": "NHWC", "n_classes": 0, "source": str(src.resolve()),
+                 "skipped": len(skipped), "skipped_files": skipped}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        if dst.exists():  # overwrite: move the old one aside first, so dst is never half-written
+            old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+class PreparedDataset(Dataset):
+    """The prepared array: item = (uint8 (R, R, C) tensor, label 0, skipped 0); batches via ``__getitems__``.
+
+    ``skipped`` is 0 per item: unreadable files were dropped at preparation time and are counted in
+    :attr:`index` ``["skipped"]``. ``resolution`` (optional) must match the prepared one.
+    """
+
+    n_classes = 0
+
+    def __init__(self, root: str | os.PathLike, resolution: int | None = None) -> None:
+        self.root = Path(root)
+        if not is_prepared(self.root):
+            raise DataError(f"{self.root} is not a prepared dataset (no {INDEX_FILE} of format {FORMAT}); "
+                            f"make one with `python -m sagan_fast.train.prepared_data SRC {self.root} "
+                            f"--resolution R`")
+        self.index = json.loads((self.root / INDEX_FILE).read_text())
+        if resolution is not None and resolution != self.index["resolution"]:
+            raise DataError(f"{self.root} was prepared at {self.index['resolution']} px, not {resolution}: "
+                            "prepare it again at this resolution")
+        self.resolution, self.channels = int(self.index["resolution"]), int(self.index["channels"])
+        self._images: np.ndarray | None = None  # opened lazily: per process (DataLoader workers)
+        if len(self) != self.index["count"]:
+            raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
+                            f"{self.index['count']} (a damaged copy?)")
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.root / IMAGES_FILE, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"] = None  # workers map the file themselves
+        return state
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return torch.from_numpy(np.array(self.images[index])), 0, 0
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch with one gather from the memory map (DataLoader uses this when present)."""
+        batch = torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
+        n = len(indices)
+        return batch, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+
+
+def _batch_collate(batch):
+    return batch  # __getitems__ already built the batch tensors
+
+
+def make_loader(dataset: PreparedDataset, sampler: ShardedBatchSampler, *, workers: int = 2,
+                pin_memory: bool | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches ``(uint8 (B, R, R, C), labels (B,), skipped (B,))`` in the sampler's order.
+
+    Workers each gather whole batches from the memory map; ``pin_memory`` (default: CUDA available)
+    lets the host-to-device copy run asynchronously.
+    """
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_batch_collate, pin_memory=pin,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))
+
+
+def to_training_batch(images: torch.Tensor, device: torch.device | str | None = None, *, flip: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, R, R, C) -> float32 (B, C, R, R) in [-1, 1], channels_last, randomly mirrored.
+
+    Runs where ``device`` says (the GPU: the copy moves uint8 bytes, the arithmetic happens there).
+    Flips draw from ``generator`` or the global generator of that device, one draw of B uniforms,
+    like :func:`sagan_fast.train.data.random_flip`.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"to_training_batch: expected uint8 (B, R, R, C), got {images.dtype} {tuple(images.shape)}")
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last, no copy
+    if flip:
+        mirror = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+def prepared_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchSampler
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches forever, advancing ``sampler``'s position as each is consumed (resumable)."""
+    while True:
+        for batch in loader:
+            sampler.advance()
+            yield batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sagan_fast.train.prepared_data",
+        description="Decode an image folder once into a memory-mapped uint8 array for training.")
+    parser.add_argument("src", help="folder of jpg/png/webp images (searched recursively)")
+    parser.add_argument("dst", help="output folder (written atomically)")
+    parser.add_argument("--resolution", type=int, required=True, help="training resolution in pixels")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
+    parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    args = parser.parse_args(argv)
+    try:
+        index = prepare(args.src, args.dst, args.resolution, workers=args.workers, overwrite=args.overwrite)
+    except (DataError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.dst}: {index['count']} images at {index['resolution']} px, {index['skipped']} unreadable skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
