@@ -4,8 +4,8 @@
     python bench/attention.py --quick         # the SAGAN G 32x32 shape + a short map-size sweep
     python bench/attention.py --device cpu    # CPU implementations at small sizes (says so)
 
-Implementations: ``sagan_fast triton`` (fp32 inputs: IEEE fp32 dots, and a ``tf32`` row with TF32
-dots), ``sagan_fast cuda`` (the compiled extension, when built; on the CPU its C++ path),
+Implementations: ``sagan_fast triton`` (fp32 inputs: one row per dot precision, IEEE fp32 by
+default, ``tf32x3`` and ``tf32`` tensor-core rows), ``sagan_fast cuda`` (the compiled extension, when built; on the CPU its C++ path),
 ``naive bmm+softmax`` (:func:`sagan_fast.ops.reference.sagan_attention`, builds B x N x Nk), and
 ``F.scaled_dot_product_attention`` pinned to each SDPA backend with ``sdpa_kernel`` (a backend that
 refuses the shape, e.g. flash with E != Ev, gets a row saying so). Unavailable ones are listed
@@ -63,13 +63,13 @@ ERROR_BATCH = 4
 # Implementations: name -> f(q, k, v) -> out
 # ------------------------------------------------------------------------------------------------
 
-def _ours(backend: str, allow_tf32: bool | None = None):
-    if backend == "triton" and allow_tf32 is not None:
+def _ours(backend: str, fp32_precision: str | None = None):
+    if backend == "triton" and fp32_precision is not None:
         from sagan_fast.ops.triton import attention as tri
 
         def run(q, k, v):
             tri.check_inputs(q, k, v)
-            return tri.sagan_attention(q, k, v, 1.0, allow_tf32=allow_tf32)
+            return tri.sagan_attention(q, k, v, 1.0, fp32_precision=fp32_precision)
         return run
     return lambda q, k, v: dispatch_attention(q, k, v, backend=backend)
 
@@ -87,8 +87,9 @@ def implementations(device: torch.device, dtype: torch.dtype, backends: list[str
     impls: dict = {}
     for b in backends:
         if b == "triton" and dtype == torch.float32:
-            impls["sagan_fast triton"] = _ours("triton", allow_tf32=False)
-            impls["sagan_fast triton (tf32)"] = _ours("triton", allow_tf32=True)
+            impls["sagan_fast triton"] = _ours("triton", fp32_precision="ieee")
+            impls["sagan_fast triton (tf32x3)"] = _ours("triton", fp32_precision="tf32x3")
+            impls["sagan_fast triton (tf32)"] = _ours("triton", fp32_precision="tf32")
         else:
             impls[f"sagan_fast {b}"] = _ours(b)
     impls["naive bmm+softmax"] = lambda q, k, v: reference.sagan_attention(q, k, v)
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     on_gpu = device.type == "cuda"
     if on_gpu:
-        # Baselines as PyTorch ships them: TF32 off for fp32 matmuls (our TF32 row says so).
+        # Baselines as PyTorch ships them: TF32 off for fp32 matmuls (our TF32 rows say so).
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     dtypes = [DTYPES[d] for d in (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")]
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
             label = f"sweep {side}x{side} C=128"
             say(f"{label} {shape} {sweep_dtype}")
             for name, fn in implementations(device, sweep_dtype, backends).items():
-                if name.endswith("(tf32)"):
+                if name.endswith(("(tf32)", "(tf32x3)")):
                     continue
                 row = bench_one(name, fn, shape, sweep_dtype, device, args, report, label, modes=())
                 if row is not None:
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     table = report.markdown(columns)
     notes = ("\n\nms: median; TFLOP/s with fwd = 2 B N Nk (E + Ev), bwd = 2.5 x fwd; peak MiB: forward + "
              "backward above the inputs; rel_err: max over out, dq, dk, dv of max|x - x64| / max|x64| on the "
-             f"first {ERROR_BATCH} batch items. fp32 rows use IEEE fp32 dots except '(tf32)'. Sweep rows: "
+             f"first {ERROR_BATCH} batch items. fp32 rows use IEEE fp32 dots except '(tf32x3)' and '(tf32)'. Sweep rows: "
              "fwd+bwd only.")
     if not on_gpu:
         notes += " CPU run: CPU implementations only, small sizes, not comparable with the GPU targets."

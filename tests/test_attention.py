@@ -132,15 +132,26 @@ def test_float64_gradcheck():
                                     fast_mode=True)
 
 
-def test_allow_tf32_is_accepted_and_fp32_default_is_ieee():
-    assert tri._input_precision(torch.float32, False) == "ieee"
-    assert tri._input_precision(torch.float32, True) == "tf32"
-    assert tri._input_precision(torch.float16, True) == "ieee"
+def test_fp32_precision_choice(monkeypatch):
+    """IEEE fp32 dots by default (the precision that meets the 2x-PyTorch rule); TF32 on request."""
+    assert tri.resolve_fp32_precision(None) == "ieee"
+    monkeypatch.setenv("SAGAN_FAST_TRITON_FP32_PRECISION", "tf32x3")
+    assert tri.resolve_fp32_precision(None) == "tf32x3"
+    torch.backends.cuda.matmul.allow_tf32 = True   # restored by conftest's fixture
+    try:
+        assert tri.resolve_fp32_precision(None) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert tri._input_precision(torch.float32, "tf32") == "tf32"
+    assert tri._input_precision(torch.float16, "tf32") == "ieee"
+    with pytest.raises(ValueError, match="fp32_precision 'tf16'"):
+        tri.resolve_fp32_precision("tf16")
     q, k, v, _ = _make(1, 20, 20, 16, 16, torch.float32, device=_device())
-    out = tri.sagan_attention(q, k, v, allow_tf32=True)
-    # TF32 keeps 10 mantissa bits: ~1e-3 relative error on O(1) outputs (exact in the interpreter).
-    assert_close_report(out, reference.sagan_attention(q.double(), k.double(), v.double()),
-                        atol=1e-2, rtol=1e-2, name="out (tf32)")
+    want = reference.sagan_attention(q.double(), k.double(), v.double())
+    for precision in tri.FP32_PRECISIONS:
+        out = tri.sagan_attention(q, k, v, fp32_precision=precision)
+        # TF32 keeps 10 mantissa bits: ~1e-3 relative error on O(1) outputs (exact in the interpreter).
+        assert_close_report(out, want, atol=1e-2, rtol=1e-2, name=f"out ({precision})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,9 +256,9 @@ def test_environment_variable_selects_the_backend(monkeypatch, triton_calls):
 def test_opcheck_forward_and_backward_ops():
     q, k, v, dout = _make(1, 19, 11, 8, 20, torch.float32, channel_major=True, device=_device())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(tri.attention_fwd, (q, k, v, 1.0, False))
-    out, lse = tri.attention_fwd(q.detach(), k.detach(), v.detach(), 1.0, False)
-    torch.library.opcheck(tri.attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, 1.0, False))
+    torch.library.opcheck(tri.attention_fwd, (q, k, v, 1.0, "ieee"))
+    out, lse = tri.attention_fwd(q.detach(), k.detach(), v.detach(), 1.0, "ieee")
+    torch.library.opcheck(tri.attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, 1.0, "ieee"))
 
 
 def test_torch_compile_traces_the_op_forward_and_backward():
@@ -329,13 +340,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from sagan_fast.ops.triton import attention as A
     POINTERS = ("Q", "K", "V", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV")
     for job in sys.argv[1:]:
-        name, E, Ev = job.split(":")
+        name, E, Ev, precision = job.split(":")
         E, Ev = int(E), int(Ev)
         dtype = getattr(torch, name)
         ptr = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}[name]
         stats = "fp64" if ptr == "fp64" else "fp32"
         t = A._tiles(E, Ev, dtype, False)
-        acc, ip = A._acc(dtype), A._input_precision(dtype, False)
+        acc, ip = A._acc(dtype), A._input_precision(dtype, precision)
         common = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"],
                       INPUT_PRECISION=ip, ACC=acc)
         jobs = [(A._attn_fwd_kernel, dict(common, BLOCK_DV=t["BLOCK_DV"])),
@@ -364,9 +375,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_kernels_compile_for_sm90_in_every_dtype():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    # bf16 at the G shape and at the widest Ev (two value slices); fp32 and fp64 at the G shape
-    # (fp16 shares bf16's code path). ~1 s per kernel on a 2-core CPU.
-    jobs = ["bfloat16:32:256", "bfloat16:64:512", "float32:32:256", "float64:32:256"]
+    # bf16 at the G shape and at the widest Ev (two value slices); fp32 (IEEE and 3xTF32 dots) and
+    # fp64 at the G shape (fp16 shares bf16's code path). ~1 s per kernel on a 2-core CPU.
+    jobs = ["bfloat16:32:256:ieee", "bfloat16:64:512:ieee", "float32:32:256:ieee", "float32:32:256:tf32x3",
+            "float64:32:256:ieee"]
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, *jobs], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"sm_90 compilation failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -434,9 +446,12 @@ def test_gpu_auto_backend_picks_triton(triton_calls):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_tf32_option_error():
-    q, k, v, _ = _make(4, 1024, 1024, 32, 256, torch.float32, device="cuda")
-    out = tri.sagan_attention(q, k, v, allow_tf32=True)
-    ref = reference.sagan_attention(q.double(), k.double(), v.double())
-    rel = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-    assert rel < 1e-2, rel   # TF32: 10 mantissa bits in each product
+@pytest.mark.parametrize("precision, bound", [("tf32", 1e-2), ("tf32x3", 1e-4)])
+def test_gpu_fp32_precision_options_error(precision, bound):
+    """TF32 (10-bit mantissa products) ~1e-3; tf32x3 must be far closer to fp32 than TF32 alone."""
+    q, k, v, dout = _make(4, 1024, 1024, 32, 256, torch.float32, device="cuda")
+    ours = _fwd_bwd(lambda a, b, c: tri.sagan_attention(a, b, c, fp32_precision=precision), q, k, v, dout)
+    ref = _fwd_bwd(reference.sagan_attention, q, k, v, dout, torch.float64)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        rel = ((a.double() - r).abs().max() / r.abs().max()).item()
+        assert rel < bound, f"{name} ({precision}): relative error {rel:.3g} >= {bound:g}"

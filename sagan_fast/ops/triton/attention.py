@@ -20,10 +20,14 @@ channel-major output, so ``out.transpose(1, 2).reshape(B, Ev, H, W)`` is free. G
 same rule from their input (dense channel-major for channel-major views).
 
 Precision: every dot accumulates in fp32. fp16 / bf16 inputs feed the tensor cores in their own
-dtype (p and ds are rounded to it before their dots, as flash-attention does). fp32 dots are IEEE
-fp32 by default (they must stay within 2x of PyTorch's own fp32 error, which TF32 would not);
-``allow_tf32=True`` (or ``torch.backends.cuda.matmul.allow_tf32`` when left as None) turns TF32
-on. fp64 runs in fp64 (used by gradcheck).
+dtype (p and ds are rounded to it before their dots, as flash-attention does). fp32 inputs: a
+choice, ``fp32_precision`` (Triton's ``input_precision`` of every dot):
+- "ieee" (default): true fp32 products, no tensor cores; the one sure to stay within 2x of
+  PyTorch's own (non-TF32) fp32 error, the project's rule;
+- "tf32x3": three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), close to fp32 accuracy;
+- "tf32": one TF32 product (10-bit mantissa inputs, ~1e-3 relative error), fastest.
+None means "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is set, else the environment
+variable SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee". fp64 runs in fp64 (used by gradcheck).
 
 Registered as ``torch.ops.sagan_fast_triton.attention_fwd`` / ``attention_bwd`` (custom_op +
 register_fake + register_autograd), so torch.compile traces it as one opaque op.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -286,7 +291,7 @@ def _attn_bwd_dq_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _tiles(E: int, Ev: int, dtype: torch.dtype, interpreted: bool) -> dict:
-    """Block sizes and launch settings per kernel (fixed heuristics; not autotuned yet).
+    """The default block sizes and launch settings (the first candidate the GPU tuner tries).
 
     Under the interpreter blocks are small (32) so that the odd test shapes span several blocks
     and Ev = 40 spans two value slices. On a GPU: 64-row blocks; the value slice is at most 128
@@ -307,6 +312,83 @@ def _tiles(E: int, Ev: int, dtype: torch.dtype, interpreted: bool) -> dict:
                 dv_chunk=min(block_dv, 64))
 
 
+# Launch candidates per kernel on a GPU: (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages); for
+# dk / dq BLOCK_DV is the chunk of the dO v^T reduction. Guesses to be ranked on the card, not
+# timed here (no GPU when they were written), only checked to compile for sm_90 without register
+# spills in bf16 at E=32, Ev=256 (ptxas -v); BLOCK_DV is clamped to the padded Ev.
+_CANDIDATES = {
+    "fwd": [(64, 64, 256, 8, 2), (128, 64, 128, 8, 2), (128, 64, 256, 8, 2), (64, 64, 128, 4, 3),
+            (128, 32, 128, 4, 3), (64, 32, 64, 4, 3)],
+    "dv": [(64, 64, 128, 4, 2), (64, 128, 128, 8, 2), (32, 64, 256, 8, 2), (64, 64, 256, 8, 2),
+           (64, 128, 64, 4, 3)],
+    "dk": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 64, 8, 3), (64, 64, 32, 4, 1)],
+    "dq": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 64, 64, 8, 3)],
+}
+
+
+def _candidate_configs(kind: str, E: int, Ev: int, dtype: torch.dtype) -> list[dict]:
+    """Launch settings to try for one kernel, the default (``_tiles``) first, no duplicates."""
+    t = _tiles(E, Ev, dtype, False)
+    chunked = kind in ("dk", "dq")
+    first = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
+                 BLOCK_DV=t["dv_chunk"] if chunked else t["BLOCK_DV"],
+                 num_warps=t["num_warps"], num_stages=t["num_stages"])
+    configs = [first]
+    if dtype == torch.float64:
+        return configs
+    cap = min(256 if dtype in (torch.float16, torch.bfloat16) else 128, max(16, triton.next_power_of_2(Ev)))
+    four_bytes = dtype == torch.float32
+    for bm, bn, bdv, warps, stages in _CANDIDATES[kind]:
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=min(bdv, cap), num_warps=warps, num_stages=stages)
+        # fp32 tiles twice the bytes: ptxas spilled kilobytes for the larger ones at 4 warps.
+        if four_bytes and max(bm, bn) * c["BLOCK_DV"] > (8192 if warps == 8 else 4096):
+            continue
+        if c not in configs:
+            configs.append(c)
+    return configs
+
+
+def autotune_enabled() -> bool:
+    """SAGAN_FAST_TRITON_AUTOTUNE=0 keeps the default launch settings (no timing on first use)."""
+    return os.environ.get("SAGAN_FAST_TRITON_AUTOTUNE", "1") not in ("0", "")
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, interpreted: bool,
+            E: int, Ev: int, dtype: torch.dtype) -> None:
+    """Launch ``kernel`` with the fastest candidate for ``key``, timed on first use on a GPU.
+
+    Every kernel here writes its outputs without accumulating, so timing runs are harmless. A
+    candidate that does not fit the card (registers, shared memory) is skipped; if all fail, the
+    default runs and raises its error.
+    """
+    if interpreted:
+        t = _tiles(E, Ev, dtype, True)
+        config = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
+                      BLOCK_DV=t["dv_chunk"] if kind in ("dk", "dq") else t["BLOCK_DV"],
+                      num_warps=t["num_warps"], num_stages=t["num_stages"])
+    else:
+        config = _TUNED.get(key)
+        if config is None:
+            candidates = _candidate_configs(kind, E, Ev, dtype)
+            config = candidates[0]
+            if autotune_enabled() and len(candidates) > 1:
+                from triton.testing import do_bench
+                best = None
+                for c in candidates:
+                    try:
+                        ms = do_bench(lambda: kernel[grid(c)](*args, **kwargs, **c), warmup=5, rep=20)
+                    except Exception:  # noqa: BLE001 (out of resources / does not compile: not a candidate)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, c)
+                config = best[1] if best is not None else config
+            _TUNED[key] = config
+    kernel[grid(config)](*args, **kwargs, **config)
+
+
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulators, logsumexp and delta: fp32, fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -316,9 +398,23 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    # "ieee" for every non-fp32 dtype: the argument only changes fp32 dots.
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def resolve_fp32_precision(fp32_precision: str | None) -> str:
+    """The fp32 dot precision to use (see the module docstring), checked."""
+    if fp32_precision is None:
+        if torch.backends.cuda.matmul.allow_tf32:
+            return "tf32"
+        fp32_precision = os.environ.get("SAGAN_FAST_TRITON_FP32_PRECISION", "ieee").strip().lower() or "ieee"
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"triton sagan_attention: fp32_precision {fp32_precision!r} not one of {FP32_PRECISIONS}")
+    return fp32_precision
+
+
+def _input_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    # "ieee" for every non-fp32 dtype: the setting only changes fp32 dots.
+    return fp32_precision if dtype == torch.float32 else "ieee"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,50 +478,67 @@ class _NullContext:
         return False
 
 
-def _forward(q, k, v, scale: float, allow_tf32: bool):
+def _tuning_key(kind: str, q, k, v, fp32_precision: str) -> tuple:
+    return (kind, q.device.index, q.dtype, fp32_precision, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+
+
+def _forward(q, k, v, scale: float, fp32_precision: str):
     B, N, E = q.shape
     Nk, Ev = k.shape[1], v.shape[2]
     out = _empty_out(q, v)
     lse = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
-    t = _tiles(E, Ev, q.dtype, q.device.type == "cpu")
-    grid = (triton.cdiv(N, t["BLOCK_M"]), triton.cdiv(Ev, t["BLOCK_DV"]), B)
+    interpreted = q.device.type == "cpu"
+    block_e = _tiles(E, Ev, q.dtype, interpreted)["BLOCK_E"]
+
+    def grid(c):
+        return (triton.cdiv(N, c["BLOCK_M"]), triton.cdiv(Ev, c["BLOCK_DV"]), B)
     with _grid_device(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            N, Nk, E, Ev, float(scale) * LOG2E,
-            BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"], BLOCK_DV=t["BLOCK_DV"],
-            INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), ACC=_acc(q.dtype),
-            num_warps=t["num_warps"], num_stages=t["num_stages"])
+        _launch("fwd", _attn_fwd_kernel, grid,
+                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                 N, Nk, E, Ev, float(scale) * LOG2E),
+                dict(BLOCK_E=block_e, INPUT_PRECISION=_input_precision(q.dtype, fp32_precision), ACC=_acc(q.dtype)),
+                _tuning_key("fwd", q, k, v, fp32_precision), interpreted, E, Ev, q.dtype)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, scale: float, allow_tf32: bool):
+def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
     B, N, E = q.shape
     Nk, Ev = k.shape[1], v.shape[2]
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
-    t = _tiles(E, Ev, q.dtype, q.device.type == "cpu")
-    ip = _input_precision(q.dtype, allow_tf32)
-    blocks = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_E=t["BLOCK_E"])
-    launch = dict(num_warps=t["num_warps"], num_stages=t["num_stages"], ACC=_acc(q.dtype))
+    interpreted = q.device.type == "cpu"
+    t = _tiles(E, Ev, q.dtype, interpreted)
+    fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision), ACC=_acc(q.dtype))
     qk_scale_log2 = float(scale) * LOG2E
     delta = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
     dq, dk, dv = _empty_grads(q, k, v)
+
+    def key_blocks(c):
+        return (triton.cdiv(Nk, c["BLOCK_N"]), B)
+
+    def query_blocks(c):
+        return (triton.cdiv(N, c["BLOCK_M"]), B)
+
+    def key_blocks_and_slices(c):
+        return (triton.cdiv(Nk, c["BLOCK_N"]), triton.cdiv(Ev, c["BLOCK_DV"]), B)
+    tuning = dict(interpreted=interpreted, E=E, Ev=Ev, dtype=q.dtype)
     with _grid_device(q):
+        # delta is one streaming pass over O and dO: fixed settings.
         _attn_bwd_delta_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
             out, dout, delta, *out.stride(), *dout.stride(), N, Ev,
             BLOCK_M=t["BLOCK_M"], BLOCK_DV=t["dv_chunk"], ACC=_acc(q.dtype), num_warps=4)
-        _attn_bwd_dv_kernel[(triton.cdiv(Nk, t["BLOCK_N"]), triton.cdiv(Ev, t["BLOCK_DV"]), B)](
-            q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
-            N, Nk, E, Ev, qk_scale_log2, BLOCK_DV=t["BLOCK_DV"], INPUT_PRECISION=ip, **blocks, **launch)
-        _attn_bwd_dk_kernel[(triton.cdiv(Nk, t["BLOCK_N"]), B)](
-            q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale),
-            BLOCK_DV=t["dv_chunk"], INPUT_PRECISION=ip, **blocks, **launch)
-        _attn_bwd_dq_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
-            q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale),
-            BLOCK_DV=t["dv_chunk"], INPUT_PRECISION=ip, **blocks, **launch)
+        _launch("dv", _attn_bwd_dv_kernel, key_blocks_and_slices,
+                (q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
+                 N, Nk, E, Ev, qk_scale_log2), fixed,
+                _tuning_key("dv", q, k, v, fp32_precision), **tuning)
+        _launch("dk", _attn_bwd_dk_kernel, key_blocks,
+                (q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                 *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
+                _tuning_key("dk", q, k, v, fp32_precision), **tuning)
+        _launch("dq", _attn_bwd_dq_kernel, query_blocks,
+                (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                 *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
+                _tuning_key("dq", q, k, v, fp32_precision), **tuning)
     return dq, dk, dv
 
 
@@ -435,38 +548,38 @@ def _backward(dout, q, k, v, out, lse, scale: float, allow_tf32: bool):
 
 @torch.library.custom_op("sagan_fast_triton::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, N, Ev) in v's layout, lse (B, N): base-2 logsumexp of scale * q k^T, fp32 (fp64 for fp64))."""
     check_inputs(q, k, v)
-    return _forward(q, k, v, scale, allow_tf32)
+    return _forward(q, k, v, scale, fp32_precision)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, allow_tf32):
+def _attention_fwd_fake(q, k, v, scale, fp32_precision):
     return _empty_out(q, v), q.new_empty((q.shape[0], q.shape[1]), dtype=_stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("sagan_fast_triton::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, scale: float,
-                  allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each dense, channel-major where its input is a channel-major view."""
     if dout.shape != out.shape:
         raise ValueError(f"triton sagan_attention backward: grad shape {tuple(dout.shape)} != output "
                          f"shape {tuple(out.shape)}")
-    return _backward(dout, q, k, v, out, lse, scale, allow_tf32)
+    return _backward(dout, q, k, v, out, lse, scale, fp32_precision)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, scale, allow_tf32):
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, fp32_precision):
     return _empty_grads(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, allow_tf32 = inputs
+    q, k, v, scale, fp32_precision = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.allow_tf32 = scale, allow_tf32
+    ctx.scale, ctx.fp32_precision = scale, fp32_precision
     ctx.mark_non_differentiable(lse)
 
 
@@ -474,7 +587,7 @@ def _attention_fwd_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.allow_tf32)
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.fp32_precision)
     return dq, dk, dv, None, None
 
 
@@ -482,25 +595,24 @@ attention_fwd.register_autograd(_attention_fwd_backward, setup_context=_setup_co
 
 
 def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
-                    allow_tf32: bool | None = None) -> torch.Tensor:
+                    fp32_precision: str | None = None) -> torch.Tensor:
     """softmax(scale * q k^T) v over keys, (B, N, E), (B, Nk, E), (B, Nk, Ev) -> (B, N, Ev).
 
-    Differentiable in q, k and v (not twice). ``allow_tf32`` (fp32 inputs only): None follows
-    ``torch.backends.cuda.matmul.allow_tf32`` (False by default in PyTorch).
+    Differentiable in q, k and v (not twice). ``fp32_precision`` ("ieee", "tf32x3", "tf32"; fp32
+    inputs only): see the module docstring; None follows torch's allow_tf32 flag, then
+    SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee".
     """
     check_inputs(q, k, v)
-    if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    out, _ = attention_fwd(q, k, v, float(scale), bool(allow_tf32))
+    out, _ = attention_fwd(q, k, v, float(scale), resolve_fp32_precision(fp32_precision))
     return out
 
 
 def sagan_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
-                             allow_tf32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                             fp32_precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) with lse the natural-log logsumexp per query row (B, N), not differentiable.
 
     What the forward stores for the backward (in base 2), for tests and debugging.
     """
     check_inputs(q, k, v)
-    out, lse2 = attention_fwd(q, k, v, float(scale), bool(allow_tf32))
+    out, lse2 = attention_fwd(q, k, v, float(scale), resolve_fp32_precision(fp32_precision))
     return out, lse2 * LN2
