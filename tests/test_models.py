@@ -46,15 +46,22 @@ def _weight_layers(model):
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))]
 
 
-# Expected SN layer counts, derived by hand from the architecture (so a block that loses a layer, or
-# a layer built outside the factory, fails). 128 px, G: linear + 5 blocks x (2 convs + shortcut)
-# + attention (q, k, v) + output conv = 20. D: 6 blocks x 2 convs + 5 shortcuts (the last block
-# keeps shape) + attention 3 + linear = 21, + the projection embedding when conditional.
+# Expected weight-layer counts, derived by hand from the architecture (so a block that loses a layer,
+# or a layer built outside the factory, fails). G: linear + blocks x (2 convs + shortcut) + attention
+# (q, k, v) + output conv; 128 px: 1 + 5 x 3 + 3 + 1 = 20. D: blocks x 2 convs + a shortcut for
+# every block that changes shape (at 32 px all but the last; at 64 px all, its last block goes
+# 8ch -> 16ch; at 128 / 256 px all but the last, 16ch -> 16ch unpooled) + attention 3 + linear,
+# + the projection embedding when conditional; 128 px: 12 + 5 + 3 + 1 = 21.
+G_WEIGHT_LAYERS = {32: 14, 64: 17, 128: 20, 256: 23}
+D_WEIGHT_LAYERS = {32: 15, 64: 19, 128: 21, 256: 24}
+
+
 @pytest.mark.parametrize("sn_impl", ["sagan_fast", "torch", "none"])
 @pytest.mark.parametrize("n_classes", [0, 4], ids=["uncond", "cond"])
-def test_spectral_norm_on_every_conv_linear_embedding(sn_impl, n_classes):
-    G, D = _models(128, n_classes, ch=1, sn_impl=sn_impl)
-    for model, expected in ((G, 20), (D, 21 + (n_classes > 0))):
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_spectral_norm_on_every_conv_linear_embedding(resolution, sn_impl, n_classes):
+    G, D = _models(resolution, n_classes, ch=1, sn_impl=sn_impl)
+    for model, expected in ((G, G_WEIGHT_LAYERS[resolution]), (D, D_WEIGHT_LAYERS[resolution] + (n_classes > 0))):
         layers = _weight_layers(model)
         assert len(layers) == expected, f"{type(model).__name__}: {len(layers)} weight layers"
         for layer in layers:
