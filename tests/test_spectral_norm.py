@@ -452,6 +452,25 @@ def test_gan_step_under_torch_compile(backend):
     torch._dynamo.reset()
 
 
+@_triton_ok
+def test_channels_last_weights_match_contiguous():
+    """A channels_last conv weight is read through a contiguous copy: same u, v, W_sn and dW."""
+    torch.manual_seed(10)
+    g, d = _tiny_gan("triton")
+    torch.manual_seed(10)
+    g2, d2 = _tiny_gan("triton")
+    d2.to(memory_format=torch.channels_last)
+    assert not d2[0].parametrizations.weight.original.is_contiguous()
+    x = torch.randn(2, 3, 4, 4)
+    out, out2 = d(x), d2(x)
+    out.sum().backward()
+    out2.sum().backward()
+    assert_close_report(out2, out, atol=1e-6, rtol=1e-6, name="D output")
+    for (sn, w), (sn2, w2) in zip(spectral_norm_layers(d), spectral_norm_layers(d2)):
+        assert_close_report(sn2._u, sn._u, atol=1e-6, rtol=0, name="u")
+        assert_close_report(w2.grad, w.grad, atol=1e-6, rtol=1e-5, name="dW")
+
+
 def test_update_once_per_weight_version_and_fused_hook():
     torch.manual_seed(8)
     g, d = _tiny_gan("reference")
@@ -608,5 +627,29 @@ def test_gpu_sagan128_sizes(dtype):
         out.backward(grad.to(dtype))
         # bf16: outputs rounded to bf16 (2^-8) and sigma vs the bf16-rounded u, v
         rt = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_close_report(out, ref, atol=rt * ref.abs().max().item(), rtol=rt, name=f"{shape} W_sn")
+        assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt, name=f"{shape} dW")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_sagan128_normalize_multi(dtype):
+    from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
+    shapes = _sagan128_weight_shapes()
+    problems = [_random_problem(s, d, dtype, device="cuda") for s, d in shapes]
+    dims = [d for _, d in shapes]
+    sigmas = [reference.spectral_norm_sigma(reference.weight_to_matrix(w.float(), d), u.float(), v.float())
+              for (w, u, v), d in zip(problems, dims)]
+    ws = [w.clone().requires_grad_() for w, _, _ in problems]
+    outs = spectral_norm_normalize_multi(ws, [u for _, u, _ in problems], [v for _, _, v in problems],
+                                         sigmas, dims, backend="triton")
+    grads = [torch.randn_like(o, dtype=torch.float64) for o in outs]
+    torch.autograd.backward(outs, [g.to(dtype) for g in grads])
+    rt = 1e-5 if dtype == torch.float32 else 2e-2  # as test_gpu_sagan128_sizes
+    for (shape, dim), (w, u, v), wt, out, grad in zip(shapes, problems, ws, outs, grads):
+        w64 = w.double().requires_grad_()
+        ref = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(), v.double())
+        ref.backward(grad)
         assert_close_report(out, ref, atol=rt * ref.abs().max().item(), rtol=rt, name=f"{shape} W_sn")
         assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt, name=f"{shape} dW")
