@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from torch.nn.utils import parametrize
 from ..ops import reference
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import (ShardedBatchSampler, build_dataset, infinite_batches, random_flip)
+from .data import ShardedBatchSampler, build_dataset, infinite_batches, random_flip
 from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, no_grad_sync,
-                          unwrap, wrap_ddp)
+                          wrap_ddp)
 from .ema import EMA
 from .logging import RunLogger
 from .losses import hinge_loss_d, hinge_loss_g
@@ -89,14 +89,16 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
 
 def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, batch: int, device: torch.device,
            *, z_dim: int, n_classes: int, bf16: bool = False) -> torch.Tensor:
-    """One generator update; D's gradients from it are neither all-reduced nor used."""
+    """One generator update. D's parameter gradients from it are discarded (the next D step
+    clears them), so D's forward runs under DDP's no_sync: its backward all-reduces nothing."""
     z, y = sample_latents(batch, z_dim, n_classes, device)
     with autocast_context(device, bf16):
-        logits = D(G(z, y), y)
+        fake = G(z, y)
+        with no_grad_sync(D):  # DDP decides at forward time whether the backward syncs
+            logits = D(fake, y)
     loss = hinge_loss_g(logits)
     opt_G.zero_grad(set_to_none=True)
-    with no_grad_sync(D):
-        loss.backward()
+    loss.backward()
     opt_G.step()
     return loss.detach()
 
@@ -235,142 +237,211 @@ class TrainResult:
     skipped_images: int
 
 
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds (with the config and the RNG states)."""
+
+    G: nn.Module
+    D: nn.Module
+    ema: EMA
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    sampler: ShardedBatchSampler
+    step: int = 0
+    skipped_images: int = 0
+
+
+@dataclass
+class DataSource:
+    loader: torch.utils.data.DataLoader
+    sampler: ShardedBatchSampler
+    channels: int
+    flip: bool
+
+
+def make_data(cfg: TrainConfig, info: DistInfo) -> DataSource:
+    """Dataset (a folder is only listed here, not read), this rank's sampler and the loader."""
+    dataset = build_dataset(cfg.data.data, cfg.model.resolution)
+    n_classes = cfg.model.n_classes
+    if n_classes > 0 and dataset.n_classes == 0:
+        raise ConfigError(f"--n-classes {n_classes}: the data {cfg.data.data!r} has no class labels")
+    if 0 < n_classes < dataset.n_classes:
+        raise ConfigError(f"--n-classes {n_classes}: the data has {dataset.n_classes} classes")
+    is_digits = cfg.data.data == "digits"
+    workers = cfg.data.workers if cfg.data.workers is not None else (0 if is_digits else 4)
+    sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, info.rank, info.world_size, seed=cfg.run.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=info.device.type == "cuda",
+        persistent_workers=workers > 0,
+        # Its own generator: creating a loader iterator must not draw from the global one, or a
+        # resumed run (which creates one mid-epoch) would diverge from an uninterrupted run.
+        generator=torch.Generator().manual_seed(cfg.run.seed + info.rank))
+    flip = cfg.data.flip if cfg.data.flip is not None else not is_digits
+    return DataSource(loader, sampler, dataset.channels, flip)
+
+
+def make_state(cfg: TrainConfig, info: DistInfo, data: DataSource) -> TrainState:
+    """Models (the same seed on every rank: equal weights and SN buffers), EMA, optimizers."""
+    seed_everything(cfg.run.seed)
+    G, D = build_models(cfg, cfg.model.image_channels or data.channels)
+    G, D = G.to(info.device), D.to(info.device)
+    if cfg.run.sync_bn and info.distributed:
+        if info.device.type != "cuda":
+            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm works on GPUs only (this run is on the CPU)")
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    broadcast_buffers_once(G, info)
+    broadcast_buffers_once(D, info)
+    opt_G, opt_D = build_optimizers(G, D, cfg)
+    return TrainState(G, D, EMA(G, cfg.optim.ema_decay, cfg.optim.ema_start), opt_G, opt_D, data.sampler)
+
+
+def per_rank_seed(cfg: TrainConfig, info: DistInfo, step: int = 0) -> int:
+    """Noise and flips differ per rank (model init, before, was shared)."""
+    return cfg.run.seed + 1_000_003 * (info.rank + 1) + step
+
+
+def save_state(cfg: TrainConfig, state: TrainState, info: DistInfo) -> Path | None:
+    """Every rank contributes its RNG state (a collective); rank 0 writes."""
+    rng = all_gather_objects(ckpt.capture_rng_state(info.device), info)
+    if not info.is_main:
+        return None
+    s = state
+    payload = {"config": cfg.to_dict(), "world_size": info.world_size, "G": s.G.state_dict(),
+               "D": s.D.state_dict(), "G_ema": s.ema.state_dict(), "opt_G": s.opt_G.state_dict(),
+               "opt_D": s.opt_D.state_dict(),
+               "sn": {"G": ckpt.spectral_norm_state(s.G), "D": ckpt.spectral_norm_state(s.D)},
+               "sampler": s.sampler.state_dict(), "rng": rng, "skipped_images": s.skipped_images}
+    return ckpt.save_checkpoint(Path(cfg.run.out) / CHECKPOINT_DIR, s.step, payload, keep=cfg.run.keep_ckpts)
+
+
+def load_state(cfg: TrainConfig, state: TrainState, path: Path, info: DistInfo) -> None:
+    """Restore everything :func:`save_state` wrote; this rank's RNG state if the world size matches."""
+    saved = ckpt.load_checkpoint(path)
+    diff = {k: (saved["config"]["model"].get(k), v) for k, v in cfg.to_dict()["model"].items()
+            if saved["config"]["model"].get(k) != v}
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
+    state.G.load_state_dict(saved["G"])
+    state.D.load_state_dict(saved["D"])
+    state.ema.load_state_dict(saved["G_ema"])
+    state.opt_G.load_state_dict(saved["opt_G"])
+    state.opt_D.load_state_dict(saved["opt_D"])
+    ckpt.load_spectral_norm_state(state.G, saved["sn"]["G"])
+    ckpt.load_spectral_norm_state(state.D, saved["sn"]["D"])
+    state.sampler.load_state_dict(saved["sampler"])
+    state.step, state.skipped_images = int(saved["step"]), int(saved["skipped_images"])
+    if len(saved["rng"]) == info.world_size:
+        ckpt.restore_rng_state(saved["rng"][info.rank], info.device)
+    else:  # another number of processes: continues, but not bit-exactly
+        seed_everything(per_rank_seed(cfg, info, state.step))
+
+
+class ScalarMeter:
+    """Sums step scalars on the device; reads them back (one sync) only when logging."""
+
+    names = ("loss_d", "loss_g", "d_real", "d_fake")
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.count, self.t0, self.step0 = 0, time.perf_counter(), step
+
+    def add(self, stats: StepStats) -> None:
+        self.sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake])
+        self.count += 1
+
+    def read(self, step: int, images_per_step: int) -> dict[str, float]:
+        means = (self.sums / max(self.count, 1)).tolist()
+        now = time.perf_counter()
+        out = dict(zip(self.names, means))
+        out["images_per_s"] = (step - self.step0) * images_per_step / max(now - self.t0, 1e-9)
+        self.sums.zero_()
+        self.count, self.t0, self.step0 = 0, now, step
+        return out
+
+
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     """Run (or continue) the training described by ``cfg`` in this process; see train_ddp.py."""
     info = info or DistInfo()
-    device = info.device
-    out = Path(cfg.run.out)
+    device, out = info.device, Path(cfg.run.out)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls/convs for float32 runs
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 runs (bf16 runs are unaffected)
 
-    # Data (built on every rank; a folder is only listed, not read).
-    dataset = build_dataset(cfg.data.data, cfg.model.resolution)
-    if cfg.model.n_classes > 0 and dataset.n_classes < cfg.model.n_classes and dataset.n_classes == 0:
-        raise ConfigError(f"--n-classes {cfg.model.n_classes}: the data {cfg.data.data!r} has no class labels")
-    if 0 < cfg.model.n_classes < dataset.n_classes:
-        raise ConfigError(f"--n-classes {cfg.model.n_classes}: the data has {dataset.n_classes} classes")
-    image_channels = cfg.model.image_channels or dataset.channels
-    flip = cfg.data.flip if cfg.data.flip is not None else cfg.data.data != "digits"
-    workers = cfg.data.workers if cfg.data.workers is not None else (0 if cfg.data.data == "digits" else 4)
-    sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, info.rank, info.world_size, seed=cfg.run.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        # Its own generator: creating a loader iterator must not draw from the global one, or a
-        # resumed run (which creates one mid-epoch) would diverge from an uninterrupted run.
-        generator=torch.Generator().manual_seed(cfg.run.seed + info.rank))
-
-    # Models: the same seed on every rank, so weights and SN buffers start equal everywhere.
-    seed_everything(cfg.run.seed)
-    G, D = build_models(cfg, image_channels)
-    G, D = G.to(device), D.to(device)
-    if cfg.run.sync_bn and info.distributed:
-        if device.type != "cuda":
-            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm works on GPUs only (this run is on the CPU)")
-        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    broadcast_buffers_once(G, info)
-    broadcast_buffers_once(D, info)
-    ema = EMA(G, cfg.optim.ema_decay, cfg.optim.ema_start)
-    opt_G, opt_D = build_optimizers(G, D, cfg)
+    data = make_data(cfg, info)
+    state = make_state(cfg, info, data)
+    resumed_from = resolve_resume(cfg)
+    if resumed_from is not None:
+        load_state(cfg, state, resumed_from, info)
+    else:
+        seed_everything(per_rank_seed(cfg, info))
+    G_ddp, D_ddp = wrap_ddp(state.G, info), wrap_ddp(state.D, info)
     fixed_z, fixed_y = _fixed_noise(cfg, device)
 
-    step, skipped_total, resumed_from = 0, 0, resolve_resume(cfg)
-    if resumed_from is not None:
-        state = ckpt.load_checkpoint(resumed_from)
-        _check_resumable(cfg, state, resumed_from)
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        ema.load_state_dict(state["G_ema"])
-        opt_G.load_state_dict(state["opt_G"])
-        opt_D.load_state_dict(state["opt_D"])
-        ckpt.load_spectral_norm_state(G, state["sn"]["G"])
-        ckpt.load_spectral_norm_state(D, state["sn"]["D"])
-        sampler.load_state_dict(state["sampler"])
-        step, skipped_total = int(state["step"]), int(state["skipped_images"])
-        rng = state["rng"]
-        if len(rng) == info.world_size:
-            ckpt.restore_rng_state(rng[info.rank], device)
-        else:  # a different number of processes: continue, but no longer bit-exact
-            seed_everything(cfg.run.seed + 1_000_003 * (info.rank + 1) + step)
-    else:
-        # Per-rank noise streams from here on (model init above was shared).
-        seed_everything(cfg.run.seed + 1_000_003 * (info.rank + 1))
-
-    G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)
-    logger = RunLogger(out, info.is_main, cfg.run.steps, step, progress=cfg.run.progress)
+    logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if resumed_from is not None:
-            logger.message(f"resumed from {resumed_from} at step {step}")
+            logger.message(f"resumed from {resumed_from} at step {state.step}")
 
-    data_iter: Iterator = infinite_batches(loader, sampler)
-    skipped_pending: list[torch.Tensor] = []
+    data_iter: Iterator = infinite_batches(data.loader, data.sampler)
+    skipped_pending: list[torch.Tensor] = []  # per batch, summed at log steps (no sync per step)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels, skipped = next(data_iter)
         skipped_pending.append(skipped.sum())
         images = images.to(device, non_blocking=True)
-        if flip:
+        if data.flip:
             images = random_flip(images)
         labels = labels.to(device, non_blocking=True) if cfg.model.n_classes > 0 else None
         return images, labels
 
-    sums = torch.zeros(4, device=device)  # loss_d, loss_g, d_real, d_fake since the last log
-    n_summed, t_last, step_last = 0, time.perf_counter(), step
+    meter = ScalarMeter(device, state.step)
     last_ckpt = last_samples = None
     try:
-        while step < cfg.run.steps:
-            stats = train_step(G_ddp, D_ddp, opt_G, opt_D, next_batch, z_dim=cfg.model.z_dim,
+        while state.step < cfg.run.steps:
+            stats = train_step(G_ddp, D_ddp, state.opt_G, state.opt_D, next_batch, z_dim=cfg.model.z_dim,
                                n_classes=cfg.model.n_classes, d_steps=cfg.optim.d_steps, bf16=cfg.optim.bf16)
-            step += 1
-            ema.update(step)
-            sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake])
-            n_summed += 1
+            state.step += 1
+            step = state.step
+            state.ema.update(step)
+            meter.add(stats)
             logger.advance()
             final = step == cfg.run.steps
 
             if step % cfg.run.log_every == 0 or final:
-                skipped_now = int(torch.stack(skipped_pending).sum()) if skipped_pending else 0
+                skipped_now = _sum_over_ranks(int(sum(int(t) for t in skipped_pending)), info)
                 skipped_pending.clear()
-                skipped_total += _sum_over_ranks(skipped_now, info)
-                means = (sums / n_summed).tolist()  # the one device sync per log interval
-                now = time.perf_counter()
-                scalars = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means))
-                scalars["images_per_s"] = (step - step_last) * cfg.data.batch_size * info.world_size / (now - t_last)
-                scalars["skipped_images"] = float(skipped_total)
+                state.skipped_images += skipped_now
+                scalars = meter.read(step, cfg.data.batch_size * info.world_size)
+                scalars["skipped_images"] = float(state.skipped_images)
                 if info.is_main:
-                    scalars.update(attention_gammas("G", G))
-                    scalars.update(attention_gammas("D", D))
-                    scalars.update(sigma_stats("G", G))
-                    scalars.update(sigma_stats("D", D))
+                    for name, model in (("G", state.G), ("D", state.D)):
+                        scalars.update(attention_gammas(name, model))
+                        scalars.update(sigma_stats(name, model))
                 logger.log(step, scalars)
-                if skipped_total and skipped_now:
-                    logger.message(f"step {step}: {skipped_total} unreadable image(s) skipped so far")
-                sums.zero_()
-                n_summed, t_last, step_last = 0, time.perf_counter(), step
+                if skipped_now:
+                    logger.message(f"step {step}: {state.skipped_images} unreadable image(s) skipped so far")
 
             if info.is_main and (step % cfg.run.sample_every == 0 or final):
                 last_samples = out / SAMPLES_DIR / f"step_{step:08d}.png"
                 with torch.no_grad():
-                    save_image_grid(ema.model(fixed_z, fixed_y), last_samples)
+                    save_image_grid(state.ema.model(fixed_z, fixed_y), last_samples)
 
             if step % cfg.run.ckpt_every == 0 or final:
-                last_ckpt = _save(cfg, out, step, G, D, ema, opt_G, opt_D, sampler, skipped_total, info)
+                last_ckpt = save_state(cfg, state, info)
             _crash_hook(step, info)
 
         if cfg.run.dump_rank_state:
-            ckpt.atomic_torch_save({"G": G.state_dict(), "D": D.state_dict(), "step": step},
+            ckpt.atomic_torch_save({"G": state.G.state_dict(), "D": state.D.state_dict(), "step": state.step},
                                    out / "rank_state" / f"rank{info.rank}.pt")
         barrier(info)
     finally:
         logger.close()
-    return TrainResult(step=step, out=out, last_checkpoint=last_ckpt, last_samples=last_samples,
-                       resumed_from=resumed_from, skipped_images=skipped_total)
+    return TrainResult(step=state.step, out=out, last_checkpoint=last_ckpt, last_samples=last_samples,
+                       resumed_from=resumed_from, skipped_images=state.skipped_images)
 
 
 def _fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -383,27 +454,3 @@ def _fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, 
 
 def _sum_over_ranks(value: int, info: DistInfo) -> int:
     return sum(all_gather_objects(value, info))
-
-
-def _check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = state["config"]["model"]
-    now = cfg.to_dict()["model"]
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
-
-
-def _save(cfg: TrainConfig, out: Path, step: int, G: nn.Module, D: nn.Module, ema: EMA,
-          opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer, sampler: ShardedBatchSampler,
-          skipped_total: int, info: DistInfo) -> Path | None:
-    """Every rank contributes its RNG state; rank 0 writes."""
-    rng = all_gather_objects(ckpt.capture_rng_state(info.device), info)
-    path = None
-    if info.is_main:
-        state = {"config": cfg.to_dict(), "world_size": info.world_size, "G": G.state_dict(),
-                 "D": D.state_dict(), "G_ema": ema.state_dict(), "opt_G": opt_G.state_dict(),
-                 "opt_D": opt_D.state_dict(),
-                 "sn": {"G": ckpt.spectral_norm_state(G), "D": ckpt.spectral_norm_state(D)},
-                 "sampler": sampler.state_dict(), "rng": rng, "skipped_images": skipped_total}
-        path = ckpt.save_checkpoint(out / CHECKPOINT_DIR, step, state, keep=cfg.run.keep_ckpts)
-    return path
