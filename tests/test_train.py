@@ -230,16 +230,19 @@ def assert_rng_equal(a: dict, b: dict) -> None:
     assert torch.equal(a["numpy"]["keys"], b["numpy"]["keys"]) and a["numpy"]["pos"] == b["numpy"]["pos"]
 
 
-def test_resume_refuses_a_different_model(straight_run, tmp_path):
+def test_resume_refuses_a_different_model_or_a_missing_or_clobbered_checkpoint(straight_run, tmp_path):
     straight_out, _ = straight_run
     cfg = tiny_config(straight_out)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ch=8),
                               run=dataclasses.replace(cfg.run, steps=3))
     with pytest.raises(ConfigError, match="model settings differ.*'ch': \\(4, 8\\)"):
         train(cfg)
-    cfg = dataclasses.replace(tiny_config(tmp_path), run=dataclasses.replace(tiny_config(tmp_path).run, resume="latest"))
+    fresh = tiny_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(cfg)
+        train(dataclasses.replace(fresh, run=dataclasses.replace(fresh.run, resume="latest")))
+    never = tiny_config(straight_out)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(dataclasses.replace(never, run=dataclasses.replace(never.run, resume="never")))
 
 
 def test_resume_check_catches_a_lost_spectral_norm_state(straight_run, tmp_path, monkeypatch):

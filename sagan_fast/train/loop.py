@@ -149,6 +149,9 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     mode = cfg.run.resume
     found = ckpt.list_checkpoints(Path(cfg.run.out) / CHECKPOINT_DIR)
     if mode == "never":
+        if found:  # a fresh run would interleave its checkpoints with (and prune) the old ones
+            raise FileExistsError(f"--no-resume: {Path(cfg.run.out) / CHECKPOINT_DIR} already holds "
+                                  f"checkpoints (up to {found[-1].name}); choose another --out or delete them")
         return None
     if mode == "auto":
         return found[-1] if found else None
