@@ -1,0 +1,383 @@
+"""Whole SAGAN training step (one D update + one G update, hinge loss, TTUR Adam): ours against
+plain PyTorch steps of the same architecture, measured side by side in one run.
+
+Configurations (rows), each at every resolution and precision asked for:
+
+- ``fast``: our models (fused SN, our attention op) through ``sagan_fast.train.fast_step.GANStep``:
+  bf16 autocast or fp32, channels_last, D once on cat([real, fake]), no D weight gradients in the
+  G step, torch.compile on CUDA (``--cuda-graphs`` adds ``fast_graphs``: the whole step as one
+  CUDA graph, and ``fast_graphs_compiled`` both).
+- ``plain_sdpa`` / ``plain_naive``: torch's SN parametrization, SDPA or naive bmm+softmax attention,
+  eager, the textbook step (D on real then on fake, D's gradients computed in the G step).
+- ``plain_cached``: torch SN inside ``parametrize.cached()`` (one power iteration per step instead of
+  one per forward), SDPA, eager; ``plain_cached_compiled``: the same under torch.compile (default
+  mode): the strongest plain-PyTorch configuration with SN (GPU only by default: Inductor on a CPU
+  takes minutes to compile).
+
+Same models (same seed), same losses, same optimizers (Adam, lr 1e-4 / 4e-4, betas (0, 0.9);
+``fused=True`` on CUDA for every row). fp32 rows allow TF32 (``torch.set_float32_matmul_precision
+("high")``, cuDNN's default) for every row alike. Columns: median ms per step, images/s (batch / step
+time: one D and one G update on ``--batch`` real images), peak MiB above the models and optimizer
+state (CUDA), kernel launches per step (CUDA, torch.profiler), speedup against ``plain_sdpa`` and
+against the fastest plain row of the same size.
+
+``--ddp``: the fast step under torchrun with 2 processes (nccl, one GPU each, when the machine has 2
+GPUs; else gloo on CPU): per-process images/s against 1 process. It launches itself through
+``torch.distributed.run``; the equivalent command is
+``torchrun --standalone --nproc_per_node=2 bench/train_step.py --ddp-worker OUT.json ...``.
+
+Also (unless ``--no-data``) the input pipeline: a folder of random PNGs prepared with
+``sagan_fast.train.prepared_data`` and read by its loader (uint8 batches, flip and scaling on the
+device): images/s it sustains, to compare with the step's.
+
+Usage::
+
+    python bench/train_step.py --quick                # GPU: 128 px, fp32 + bf16; CPU: tiny sizes
+    python bench/train_step.py --resolutions 32,64,128 --ch 64 --batch 64 --cuda-graphs --ddp
+
+On a machine with no GPU everything runs on the CPU at small sizes and the report says so: CPU
+numbers say nothing about the GPU targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import (Report, card_info, count_kernel_launches, default_device, peak_memory_mib,  # noqa: E402
+                    say, time_fn)
+
+from sagan_fast.models import Discriminator, Generator  # noqa: E402
+from sagan_fast.train.fast_step import GANStep  # noqa: E402
+from sagan_fast.train.losses import hinge_loss_d, hinge_loss_g  # noqa: E402
+
+PLAIN_CONFIGS = ("plain_sdpa", "plain_naive", "plain_cached", "plain_cached_compiled")
+FAST_CONFIGS = ("fast", "fast_graphs", "fast_graphs_compiled")
+CONFIGS = FAST_CONFIGS + PLAIN_CONFIGS
+LR_G, LR_D, BETAS = 1e-4, 4e-4, (0.0, 0.9)
+
+
+def build(config: str, resolution: int, ch: int, n_classes: int, attn: int | None, device: torch.device):
+    ours = config.startswith("fast")
+    kwargs = dict(resolution=resolution, ch=ch, n_classes=n_classes, attn_resolution=attn,
+                  sn_impl="sagan_fast" if ours else "torch",
+                  attention_impl="sagan_fast" if ours else ("naive" if config == "plain_naive" else "sdpa"))
+    torch.manual_seed(0)
+    G = Generator(z_dim=128, **kwargs).to(device)
+    D = Discriminator(**kwargs).to(device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt_G = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS, **fused)
+    opt_D = torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS, **fused)
+    return G, D, opt_G, opt_D
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def plain_step_fn(config: str, G, D, opt_G, opt_D, real, y, precision: str):
+    """The textbook plain-PyTorch step; ``plain_cached*``: SN weights cached per D / G step."""
+    device, batch, z_dim, n_classes = real.device, real.shape[0], G.z_dim, G.n_classes
+    cached = parametrize.cached if config.startswith("plain_cached") else contextlib.nullcontext
+
+    def d_loss(real, y, z, y_fake):
+        with cached(), autocast(device, precision):
+            with torch.no_grad():
+                fake = G(z, y_fake)
+            return hinge_loss_d(D(real, y), D(fake.to(real.dtype), y_fake))
+
+    def g_loss(z, y_g):
+        with cached(), autocast(device, precision):
+            return hinge_loss_g(D(G(z, y_g), y_g))
+
+    if config == "plain_cached_compiled":
+        d_loss, g_loss = torch.compile(d_loss), torch.compile(g_loss)
+
+    def labels():
+        return torch.randint(n_classes, (batch,), device=device) if n_classes else None
+
+    def step():
+        loss_d = d_loss(real, y, torch.randn(batch, z_dim, device=device), labels())
+        opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_D.step()
+        loss_g = g_loss(torch.randn(batch, z_dim, device=device), labels())
+        opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_G.step()
+        return loss_d.detach(), loss_g.detach()
+    return step
+
+
+def make_step(config: str, G, D, opt_G, opt_D, real, y, precision: str, compile_fast: bool):
+    if config in PLAIN_CONFIGS:
+        return plain_step_fn(config, G, D, opt_G, opt_D, real, y, precision)
+    graphs = config.startswith("fast_graphs")
+    fast = GANStep(G, D, opt_G, opt_D, precision=precision, channels_last=True,
+                   compile=compile_fast if config == "fast" else config == "fast_graphs_compiled",
+                   cuda_graphs=graphs)
+    real_cl = real.contiguous(memory_format=torch.channels_last)
+    return lambda: fast(real_cl, y)
+
+
+def measure(config: str, resolution: int, precision: str, args, device: torch.device) -> dict:
+    G, D, opt_G, opt_D = build(config, resolution, args.ch, args.n_classes, args.attn_resolution or None, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    real = torch.rand(args.batch, 3, resolution, resolution, device=device, generator=gen) * 2 - 1
+    y = torch.randint(args.n_classes, (args.batch,), device=device, generator=gen) if args.n_classes else None
+    step = make_step(config, G, D, opt_G, opt_D, real, y, precision, args.compile)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # compilation, autotuning, CUDA graph capture happen here
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warm_s = time.perf_counter() - t0
+    t = time_fn(step, device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.reps)
+    row = dict(config=config, resolution=resolution, precision=precision, ch=args.ch, batch=args.batch,
+               ms_per_step=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+               images_per_s=args.batch / (t.median_ms / 1e3),
+               peak_mib=peak_memory_mib(step, device), launches=count_kernel_launches(step, device),
+               warmup_s=warm_s)
+    losses = step()
+    loss_vals = losses.values() if isinstance(losses, dict) else losses
+    row["finite"] = all(bool(torch.isfinite(v)) for v in loss_vals)
+    del G, D, opt_G, opt_D, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for r in rows:
+        same = [o for o in rows if (o["resolution"], o["precision"]) == (r["resolution"], r["precision"])]
+        base = next((o for o in same if o["config"] == "plain_sdpa"), None)
+        plain = [o["ms_per_step"] for o in same if o["config"] in PLAIN_CONFIGS]
+        r["speedup_vs_plain"] = base["ms_per_step"] / r["ms_per_step"] if base else None
+        r["speedup_vs_best_plain"] = min(plain) / r["ms_per_step"] if plain else None
+
+
+# --- input pipeline -----------------------------------------------------------------------------------
+
+def measure_data(resolution: int, batch: int, workers: int, device: torch.device, n_batches: int) -> dict:
+    """Images/s of the prepared-data loader + device-side flip/scale, on random PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    from sagan_fast.train.data import ShardedBatchSampler
+    from sagan_fast.train.prepared_data import PreparedDataset, make_loader, prepare, to_training_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        rng = np.random.default_rng(0)
+        n_images = max(2 * batch, 64)
+        for i in range(n_images):
+            Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        t0 = time.perf_counter()
+        prepare(src, Path(tmp) / "prepared", resolution, workers=min(workers, 4), quiet=True)
+        prepare_s = time.perf_counter() - t0
+        ds = PreparedDataset(Path(tmp) / "prepared")
+        sampler = ShardedBatchSampler(len(ds), batch)
+        loader = make_loader(ds, sampler, workers=workers, pin_memory=device.type == "cuda")
+        it, done = iter(loader), 0
+
+        def next_batch():
+            nonlocal it
+            try:
+                return next(it)
+            except StopIteration:
+                it = iter(loader)
+                return next(it)
+        to_training_batch(next_batch()[0], device)  # worker start-up outside the timing
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            x = to_training_batch(next_batch()[0], device)
+            done += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        del it, loader
+    return dict(config="data_loader", resolution=resolution, precision="uint8", batch=batch, workers=workers,
+                images_per_s=done / dt, ms_per_step=dt / n_batches * 1e3,
+                prepare_images_per_s=n_images / prepare_s)
+
+
+# --- DDP -----------------------------------------------------------------------------------------------
+
+def ddp_worker(args) -> None:
+    """Runs under torchrun (or alone): times the fast step, rank 0 writes per-process images/s."""
+    import torch.distributed as dist
+
+    from sagan_fast.train.distributed import DistInfo, wrap_ddp
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    res = args.resolutions[0]
+    G, D, opt_G, opt_D = build("fast", res, args.ch, args.n_classes, args.attn_resolution or None, device)
+    info = DistInfo(rank=rank, local_rank=local, world_size=world, device=device)
+    G, D = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings (no buffer broadcast)
+    precision = args.precisions[-1]
+    step = GANStep(G, D, opt_G, opt_D, precision=precision, compile=args.compile if use_cuda else False)
+    real = (torch.rand(args.batch, 3, res, res, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(args.n_classes, (args.batch,), device=device) if args.n_classes else None
+    for _ in range(args.warmup):
+        step(real, y)
+    n = max(args.reps, 3)
+    if world > 1:
+        dist.barrier()
+    if use_cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        stats = step(real, y)
+    float(stats["loss_d"])  # waits for the device
+    dt = time.perf_counter() - t0
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(args.ddp_worker).write_text(json.dumps(dict(
+            processes=world, backend=("nccl" if use_cuda else "gloo") if world > 1 else None,
+            device=str(device), resolution=res, precision=precision, batch=args.batch,
+            ms_per_step=dt / n * 1e3, images_per_s_per_process=args.batch * n / dt)))
+
+
+def run_ddp(args, argv: list[str], report: Report) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for nproc in (1, 2):
+            out = Path(tmp) / f"ddp{nproc}.json"
+            worker_args = [a for a in argv if a not in ("--ddp",)] + ["--ddp-worker", str(out)]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(Path(__file__).resolve())] + worker_args
+            say(f"ddp: {' '.join(cmd)}")
+            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+            results.append(json.loads(out.read_text()))
+        one = results[0]["images_per_s_per_process"]
+        for r in results:
+            report.add(config=f"ddp_{r['processes']}proc", resolution=r["resolution"], precision=r["precision"],
+                       batch=r["batch"], ms_per_step=r["ms_per_step"], images_per_s=r["images_per_s_per_process"],
+                       ddp_backend=r["backend"], ddp_device=r["device"],
+                       ddp_efficiency=r["images_per_s_per_process"] / one)
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="GPU: 128 px, fewer configs; CPU: the tiny default")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--resolutions", default=None, help="comma-separated from 32,64,128 (default GPU 32,64,128; CPU 32)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated from fp32,bf16")
+    p.add_argument("--ch", type=int, default=None, help="width multiplier (default GPU 64, CPU 4)")
+    p.add_argument("--batch", type=int, default=None, help="real images per step (default GPU 64, CPU 4)")
+    p.add_argument("--n-classes", type=int, default=0, help="0: unconditional")
+    p.add_argument("--attn-resolution", type=int, default=None,
+                   help="feature-map side of the attention layers (default 32; CPU 16; 0: none)")
+    p.add_argument("--configs", default=None, help=f"comma-separated from {','.join(CONFIGS)} "
+                   "(default: fast + every plain one; CPU: no compiled plain row)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also the fast_graphs(_compiled) rows")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile in the 'fast' row (default: on CUDA only)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, autotune, capture)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps on CPU (GPU: do_bench decides)")
+    p.add_argument("--warmup-ms", type=float, default=200)
+    p.add_argument("--rep-ms", type=float, default=1000)
+    p.add_argument("--ddp", action="store_true", help="also the 1- vs 2-process DDP rows (torchrun)")
+    p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-data", action="store_true", help="skip the input-pipeline row")
+    p.add_argument("--data-workers", type=int, default=None, help="loader workers (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--json", default=None, help="output path (default: bench/results/train_step-<card>-<time>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    gpu = device.type == "cuda"
+    if not args.resolutions:
+        args.resolutions = ("128" if args.quick else "32,64,128") if gpu else "32"
+    args.resolutions = [int(r) for r in args.resolutions.split(",")]
+    args.precisions = args.precisions.split(",")
+    for prec in args.precisions:
+        if prec not in ("fp32", "bf16"):
+            p.error(f"--precisions: {prec!r} is not fp32 or bf16")
+    args.ch = args.ch or (64 if gpu else 4)
+    args.batch = args.batch or (64 if gpu else 4)
+    if args.attn_resolution is None:
+        args.attn_resolution = 32 if gpu else 16
+    if args.configs:
+        args.configs = args.configs.split(",")
+        bad = [c for c in args.configs if c not in CONFIGS]
+        if bad:
+            p.error(f"--configs: unknown {bad}; choose from {CONFIGS}")
+    else:
+        args.configs = ["fast", "plain_sdpa", "plain_cached"] + (["plain_cached_compiled"] if gpu else [])
+        if not args.quick:
+            args.configs.insert(2, "plain_naive")
+        if args.cuda_graphs and gpu:
+            args.configs[1:1] = ["fast_graphs", "fast_graphs_compiled"]
+    args.compile = gpu if args.compile is None else args.compile
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.data_workers = args.data_workers if args.data_workers is not None else (8 if gpu else 1)
+    return args, device
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, device = parse_args(argv)
+    if args.ddp_worker:
+        ddp_worker(args)
+        return 0
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    card = card_info(device)
+    report = Report("train_step", card, {k: v for k, v in vars(args).items() if k != "ddp_worker"})
+    if device.type != "cuda":
+        say(f"no GPU: CPU run at small sizes ({card['name']}); these numbers say nothing about the GPU targets")
+    for res in args.resolutions:
+        for precision in args.precisions:
+            for config in args.configs:
+                say(f"{config} {res}px {precision} ch={args.ch} batch={args.batch} ...")
+                try:
+                    report.add(**measure(config, res, precision, args, device))
+                except Exception as exc:  # a failing baseline (e.g. compile of torch SN) is a result too
+                    say(f"  {config} failed: {exc!r}"[:500])
+                    report.add(config=config, resolution=res, precision=precision, ch=args.ch, batch=args.batch,
+                               error=repr(exc)[:300])
+    add_ratios([r for r in report.rows if "ms_per_step" in r])
+    if not args.no_data:
+        report.add(**measure_data(args.resolutions[-1], args.batch, args.data_workers, device,
+                                  n_batches=20 if device.type == "cuda" else 3))
+    if args.ddp:
+        run_ddp(args, argv, report)
+    columns = ["config", "resolution", "precision", "ms_per_step", "images_per_s", "peak_mib", "launches",
+               "speedup_vs_plain", "speedup_vs_best_plain", "ddp_efficiency", "error"]
+    columns = [c for c in columns if any(r.get(c) is not None for r in report.rows)]
+    print(report.markdown(columns))
+    if device.type != "cuda":
+        print("\nCPU run (no GPU): small sizes; not comparable with the GPU targets.")
+    path = report.save_json(args.json)
+    say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
