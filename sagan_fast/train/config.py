@@ -159,7 +159,8 @@ class RunConfig:
     """Images in the sample grid."""
     resume: str = "auto"
     """'auto': continue from the latest checkpoint in --out if there is one; 'latest': the same but
-    it must exist; 'never': start fresh; or a checkpoint file path. --resume alone means 'latest'."""
+    it must exist; 'never': start fresh (an error if --out holds checkpoints); or a checkpoint file
+    path. --resume alone means 'latest'."""
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK if CUDA is available, else cpu), 'cpu' or 'cuda'."""
     sync_bn: bool = False
@@ -214,7 +215,10 @@ _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim":
 
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal after each field) of a dataclass, by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source shipped (e.g. bytecode-only install): help text only
+        return {}
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -259,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
             elif section == "run" and f.name == "resume":
                 group.add_argument(_flag(f.name), nargs="?", const="latest", type=str, **kwargs)
                 group.add_argument("--no-resume", dest="run.resume", action="store_const", const="never",
-                                   help="Start fresh even if --out holds checkpoints (same as --resume never).")
+                                   help="Same as --resume never.")
             else:
                 group.add_argument(_flag(f.name), type=typ, **kwargs)
     return parser

@@ -270,6 +270,9 @@ def make_data(cfg: TrainConfig, info: DistInfo) -> DataSource:
         raise ConfigError(f"--n-classes {n_classes}: the data {cfg.data.data!r} has no class labels")
     if 0 < n_classes < dataset.n_classes:
         raise ConfigError(f"--n-classes {n_classes}: the data has {dataset.n_classes} classes")
+    if cfg.model.image_channels is not None and cfg.model.image_channels != dataset.channels:
+        raise ConfigError(f"--image-channels {cfg.model.image_channels}: the data {cfg.data.data!r} has "
+                          f"{dataset.channels}-channel images")
     is_digits = cfg.data.data == "digits"
     workers = cfg.data.workers if cfg.data.workers is not None else (0 if is_digits else 4)
     sampler = ShardedBatchSampler(len(dataset), cfg.data.batch_size, info.rank, info.world_size, seed=cfg.run.seed)
