@@ -64,8 +64,12 @@ class SelfAttention2d(nn.Module):
         o = o.transpose(1, 2).reshape(B, self.value_channels, H, W)
         if self.out is not None:
             o = self.out(o)
-        # x + gamma * o in one elementwise pass (one kernel instead of a multiply and an add).
-        return torch.addcmul(x, self.gamma, o)
+        if x.dtype == o.dtype == self.gamma.dtype:
+            # x + gamma * o in one elementwise pass (one kernel instead of a multiply and an add).
+            return torch.addcmul(x, self.gamma, o)
+        # Mixed dtypes (autocast): CUDA autocast "promotes" addcmul to the widest input, gamma's
+        # fp32, where x + gamma * o keeps the activations' dtype (gamma is 0-dim).
+        return x + self.gamma * o
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """f, g, h (g and h pooled in the BigGAN form) with as few passes over x as possible.

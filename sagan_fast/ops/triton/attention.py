@@ -29,6 +29,10 @@ choice, ``fp32_precision`` (Triton's ``input_precision`` of every dot):
 None means "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is set, else the environment
 variable SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee". fp64 runs in fp64 (used by gradcheck).
 
+Launch settings: on a GPU each kernel's block sizes / warps / stages are picked on first use per
+(shape, dtype) among a few candidates, timed with triton.testing.do_bench (``_launch``;
+SAGAN_FAST_TRITON_AUTOTUNE=0 keeps the defaults). Under the interpreter one small fixed setting.
+
 Registered as ``torch.ops.sagan_fast_triton.attention_fwd`` / ``attention_bwd`` (custom_op +
 register_fake + register_autograd), so torch.compile traces it as one opaque op.
 """
