@@ -378,12 +378,14 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
 
     data = make_data(cfg, info)
     state = make_state(cfg, info, data)
+    # Wrap before loading a checkpoint: DDP's initial parameter broadcast writes the weights, and
+    # SN's "u, v are up to date" marks (restored by load_state) must come after every such write.
+    G_ddp, D_ddp = wrap_ddp(state.G, info), wrap_ddp(state.D, info)
     resumed_from = resolve_resume(cfg)
     if resumed_from is not None:
         load_state(cfg, state, resumed_from, info)
     else:
         seed_everything(per_rank_seed(cfg, info))
-    G_ddp, D_ddp = wrap_ddp(state.G, info), wrap_ddp(state.D, info)
     fixed_z, fixed_y = _fixed_noise(cfg, device)
 
     logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
