@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,15 +219,78 @@ def test_step_input_errors():
     assert not any(m._forward_pre_hooks for m in G.modules() if isinstance(m, torch.nn.Conv2d))
 
 
+# --- under DDP -----------------------------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank: fast steps and loop.train_step steps on DDP-wrapped copies of the same tiny GAN."""
+    import torch.distributed as dist
+
+    from sagan_fast.train.distributed import DistInfo, wrap_ddp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank=rank, world_size=world)
+    data = batches(2 * world, 2, 3)[rank::world]  # each rank its own real images
+    results = {}
+    for name in ("fast", "loop"):
+        G, D, opt_G, opt_D = tiny_gan(0, 3)  # same init on every rank (as the loop does)
+        G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)
+        torch.manual_seed(100 + rank)  # per-rank noise, as the loop does
+        losses = []
+        if name == "fast":
+            step = make_gan_step(G_ddp, D_ddp, opt_G, opt_D, precision="fp32", compile=False)
+            for real, y in data:
+                losses.append(step(real, y)["loss_d"].item())
+        else:
+            for real, y in data:
+                feed = iter([(real, y)])
+                losses.append(train_step(G_ddp, D_ddp, opt_G, opt_D, lambda: next(feed), z_dim=Z_DIM,
+                                         n_classes=3).loss_d.item())
+        results[name] = {"losses": losses, "G": G.state_dict(), "D": D.state_dict()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fast_step_under_ddp_matches_plain_and_keeps_ranks_equal(tmp_path):
+    """2 processes (gloo): the fast step on DDP-wrapped models equals loop.train_step on them (same
+    tolerance as above), and both ranks end with identical weights and SN vectors."""
+    import torch.multiprocessing as mp
+    # fork: the children inherit the imported modules instead of importing torch again (seconds each).
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="fork")
+    deadline = time.monotonic() + 300  # a hung rank must fail the test, not hang CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP ranks did not finish within 300 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:
+        for a, b in zip(rank["fast"]["losses"], rank["loop"]["losses"]):
+            assert abs(a - b) <= 1e-4 * (1 + abs(b))
+        for model in ("G", "D"):
+            for key, value in rank["fast"][model].items():
+                ref = rank["loop"][model][key]
+                if value.is_floating_point() and not (model == "G" and bn_cancelled(f"G.{key}")):
+                    assert_close_report(value, ref, atol=1e-4, rtol=1e-4, name=f"DDP fast vs loop: {model}.{key}")
+    for model in ("G", "D"):
+        for key, value in ranks[0]["fast"][model].items():
+            if "running" in key or "num_batches" in key:
+                continue  # G's batch-norm statistics are per rank (no SyncBatchNorm)
+            assert torch.equal(value, ranks[1]["fast"][model][key]), f"ranks differ in {model}.{key}"
+
+
 # --- GPU-only checks ------------------------------------------------------------------------------
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_gpu_step_has_no_host_sync(cuda_graphs):
-    """After warm-up (cuDNN autotuning and lazy state may sync), a step makes no host-device sync."""
+@pytest.mark.parametrize("compile,cuda_graphs", [(False, False), (True, False), (False, True)],
+                         ids=["eager", "compiled", "cuda-graphs"])
+def test_gpu_step_has_no_host_sync(compile, cuda_graphs):
+    """After warm-up (compilation, cuDNN autotuning and lazy state may sync), a step makes no
+    host-device sync."""
+    torch._dynamo.reset()
     G, D, opt_G, opt_D = tiny_gan(0, 3, "cuda")
-    step = make_gan_step(G, D, opt_G, opt_D, precision="bf16", compile=False, cuda_graphs=cuda_graphs)
+    step = make_gan_step(G, D, opt_G, opt_D, precision="bf16", compile=compile, cuda_graphs=cuda_graphs)
     data = batches(7, 8, 3, "cuda")
     for real, y in data[:4]:
         step(real, y)
