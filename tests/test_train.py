@@ -274,3 +274,16 @@ def test_folder_run_skips_and_counts_an_unreadable_image(tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["skipped_images"] == 1.0
     assert Image.open(tmp_path / "run" / "samples" / "step_00000001.png").mode == "RGB"
+
+
+def test_logger_rewinds_to_the_resume_step_and_drops_a_half_written_line(tmp_path):
+    from sagan_fast.train.logging import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 5}\n{"step": 6}\n{"step": 7, "lo')
+    logger = RunLogger(tmp_path, enabled=True, total_steps=10, start_step=5, progress=False)
+    logger.log(6, {"loss_d": 1.5, "bad": float("nan")})
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1}, {"step": 5}, {"step": 6, "loss_d": 1.5, "bad": None}]
+    RunLogger(tmp_path / "rank1", enabled=False, total_steps=10).log(1, {"x": 1.0})
+    assert not (tmp_path / "rank1").exists(), "a non-main rank wrote files"

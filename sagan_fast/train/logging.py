@@ -15,6 +15,14 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _step_of(line: str) -> float:
+    """The step of a JSONL record; +inf for a line a killed run left unfinished (dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class RunLogger:
     """Scalars to ``<out>/tensorboard`` and ``<out>/metrics.jsonl``; progress to stderr.
 
@@ -31,9 +39,8 @@ class RunLogger:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / METRICS_FILE
-        if path.exists():  # keep only lines up to the resume point
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        if path.exists():  # keep only lines up to the resume point (and no half-written line)
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
