@@ -578,6 +578,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                          "part_ptr": "*fp32", "out_ptr": "*bf16", "numel": "i32", "n_parts": "i32",
                                          "B": "i32", "C": "i32", "ACC": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"},
           {"ACC": tl.float32, "BLOCK": 1024, "BLOCK_P": 512})
+    # int arguments equal to 1 arrive as constexprs (a (1, K) weight, a single partial sum)
+    build(T._normalize_backward_kernel, {"g_ptr": "*fp32", "u_ptr": "*fp32", "v_ptr": "*fp32", "sigma_ptr": "*fp32",
+                                         "part_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "n_parts": "constexpr",
+                                         "B": "constexpr", "C": "i32", "ACC": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"},
+          {"n_parts": 1, "B": 1, "ACC": tl.float32, "BLOCK": 1024, "BLOCK_P": 512})
+    build(T._dot_partials_kernel, {"g_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "numel": "i32", "chunk": "constexpr",
+                                   "ACC": "constexpr", "BLOCK": "constexpr"}, {"chunk": 1, "ACC": tl.float32, "BLOCK": 1024})
     print("compiled")
 """)
 

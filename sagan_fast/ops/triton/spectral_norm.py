@@ -234,7 +234,7 @@ def _normalize_backward_kernel(g_ptr, u_ptr, v_ptr, sigma_ptr, part_ptr, out_ptr
     inner = gw / sigma
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
-    BC = B.to(tl.int64) * C
+    BC = B * C  # no methods on B, C: Triton passes an int argument equal to 1 as a constexpr
     a = offs // BC
     rem = offs - a * BC
     b = rem // C
