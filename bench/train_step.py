@@ -17,9 +17,10 @@ Configurations (rows), each at every resolution and precision asked for:
 Same models (same seed), same losses, same optimizers (Adam, lr 1e-4 / 4e-4, betas (0, 0.9);
 ``fused=True`` on CUDA for every row). fp32 rows allow TF32 (``torch.set_float32_matmul_precision
 ("high")``, cuDNN's default) for every row alike. Columns: median ms per step, images/s (batch / step
-time: one D and one G update on ``--batch`` real images), peak MiB above the models and optimizer
-state (CUDA), kernel launches per step (CUDA, torch.profiler), speedup against ``plain_sdpa`` and
-against the fastest plain row of the same size.
+time: one D and one G update on ``--batch`` real images), peak MiB allocated over the whole
+measurement, models and optimizer state included (CUDA), kernels run per step (CUDA, torch.profiler), speedup against ``plain_sdpa`` and
+against the fastest plain row of the same size. For the CUDA-graph rows "launches" counts the
+kernels inside the graph: the CPU launches one graph per step.
 
 ``--ddp``: the fast step under torchrun with 2 processes (nccl, one GPU each, when the machine has 2
 GPUs; else gloo on CPU): per-process images/s against 1 process. It launches itself through
@@ -52,14 +53,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (Report, card_info, count_kernel_launches, default_device, peak_memory_mib,  # noqa: E402
-                    say, time_fn)
+from common import Report, card_info, count_kernel_launches, default_device, say, time_fn  # noqa: E402
 
 from sagan_fast.models import Discriminator, Generator  # noqa: E402
 from sagan_fast.train.fast_step import GANStep  # noqa: E402
@@ -135,6 +134,10 @@ def make_step(config: str, G, D, opt_G, opt_D, real, y, precision: str, compile_
 
 
 def measure(config: str, resolution: int, precision: str, args, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     G, D, opt_G, opt_D = build(config, resolution, args.ch, args.n_classes, args.attn_resolution or None, device)
     gen = torch.Generator(device=device).manual_seed(1)
     real = torch.rand(args.batch, 3, resolution, resolution, device=device, generator=gen) * 2 - 1
@@ -150,8 +153,11 @@ def measure(config: str, resolution: int, precision: str, args, device: torch.de
     row = dict(config=config, resolution=resolution, precision=precision, ch=args.ch, batch=args.batch,
                ms_per_step=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                images_per_s=args.batch / (t.median_ms / 1e3),
-               peak_mib=peak_memory_mib(step, device), launches=count_kernel_launches(step, device),
-               warmup_s=warm_s)
+               launches=count_kernel_launches(step, device), warmup_s=warm_s)
+    if device.type == "cuda":
+        # Everything the run held at its peak: weights, optimizer state, activations, a CUDA
+        # graph's private pool (which a peak measured over one replay would miss).
+        row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     losses = step()
     loss_vals = losses.values() if isinstance(losses, dict) else losses
     row["finite"] = all(bool(torch.isfinite(v)) for v in loss_vals)
@@ -227,7 +233,7 @@ def ddp_worker(args) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    use_cuda = args.device_type == "cuda"
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -262,12 +268,28 @@ def ddp_worker(args) -> None:
             ms_per_step=dt / n * 1e3, images_per_s_per_process=args.batch * n / dt)))
 
 
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def run_ddp(args, argv: list[str], report: Report) -> None:
+    # One GPU per process (nccl refuses two ranks on one GPU): with fewer than 2 GPUs both the 1- and
+    # the 2-process runs go to the CPU (gloo), so the two are comparable.
+    ddp_device = "cuda" if torch.cuda.device_count() >= 2 else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         results = []
         for nproc in (1, 2):
             out = Path(tmp) / f"ddp{nproc}.json"
-            worker_args = [a for a in argv if a not in ("--ddp",)] + ["--ddp-worker", str(out)]
+            worker_args = _without_flag(argv, "--device") + ["--device", ddp_device, "--ddp-worker", str(out)]
+            worker_args = [a for a in worker_args if a != "--ddp"]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    str(Path(__file__).resolve())] + worker_args
             say(f"ddp: {' '.join(cmd)}")
@@ -311,6 +333,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     gpu = device.type == "cuda"
+    args.device_type = device.type
     if not args.resolutions:
         args.resolutions = ("128" if args.quick else "32,64,128") if gpu else "32"
     args.resolutions = [int(r) for r in args.resolutions.split(",")]
@@ -349,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     card = card_info(device)
-    report = Report("train_step", card, {k: v for k, v in vars(args).items() if k != "ddp_worker"})
+    report = Report("train_step", card, {k: v for k, v in vars(args).items() if k not in ("ddp_worker", "device_type")})
     if device.type != "cuda":
         say(f"no GPU: CPU run at small sizes ({card['name']}); these numbers say nothing about the GPU targets")
     for res in args.resolutions:
