@@ -5,7 +5,8 @@
     python bench/attention.py --device cpu    # CPU implementations at small sizes (says so)
 
 Implementations: ``sagan_fast triton`` (fp32 inputs: one row per dot precision, IEEE fp32 by
-default, ``tf32x3`` and ``tf32`` tensor-core rows), ``sagan_fast cuda`` (the compiled extension, when built; on the CPU its C++ path),
+default, ``tf32x3`` and ``tf32`` tensor-core rows), ``sagan_fast cuda`` (the compiled extension,
+when built; on the CPU its C++ path),
 ``naive bmm+softmax`` (:func:`sagan_fast.ops.reference.sagan_attention`, builds B x N x Nk), and
 ``F.scaled_dot_product_attention`` pinned to each SDPA backend with ``sdpa_kernel`` (a backend that
 refuses the shape, e.g. flash with E != Ev, gets a row saying so). Unavailable ones are listed
@@ -182,7 +183,8 @@ def bench_one(name, fn, shape, dtype, device, args, report, label, modes=("fwd",
         fwd_ms=result["fwd"].median_ms if "fwd" in result else None,
         bwd_ms=result["bwd"].median_ms if "bwd" in result else None,
         fwd_bwd_ms=result["fwd+bwd"].median_ms,
-        fwd_TFLOPs=tflops("fwd", f), bwd_TFLOPs=tflops("bwd", 2.5 * f), fwd_bwd_TFLOPs=tflops("fwd+bwd", 3.5 * f),
+        fwd_TFLOPs=tflops("fwd", f), bwd_TFLOPs=tflops("bwd", 2.5 * f),
+        fwd_bwd_TFLOPs=tflops("fwd+bwd", 3.5 * f),
         peak_MiB=peak, rel_err_vs_fp64=err,
         fwd_bwd_p20_p80=f"{result['fwd+bwd'].p20_ms:.3g}-{result['fwd+bwd'].p80_ms:.3g}", status="ok")
     report.add(**row)
@@ -205,7 +207,7 @@ def plot(sweep_rows: list[dict], path: Path, card_name: str) -> str:
         return "plot skipped: no successful sweep rows"
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        pts = sorted((int(math.isqrt(r["N"])), r["fwd_bwd_ms"], r["peak_MiB"]) for r in rows if r["impl"] == impl)
+        pts = sorted((math.isqrt(r["N"]), r["fwd_bwd_ms"], r["peak_MiB"]) for r in rows if r["impl"] == impl)
         sides = [p[0] for p in pts]
         ax_t.plot(sides, [p[1] for p in pts], marker="o", label=impl)
         if all(p[2] is not None for p in pts):
@@ -230,7 +232,8 @@ def plot(sweep_rows: list[dict], path: Path, card_name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the G 32x32 shape and a short sweep, short timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="the G 32x32 shape and a short sweep, short timing")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtypes", default=None, help="comma-separated from fp32,bf16,fp16 "
                         "(default: fp32,bf16 on GPU, fp32 on CPU)")
@@ -302,12 +305,13 @@ def main(argv=None) -> int:
     table = report.markdown(columns)
     notes = ("\n\nms: median; TFLOP/s with fwd = 2 B N Nk (E + Ev), bwd = 2.5 x fwd; peak MiB: forward + "
              "backward above the inputs; rel_err: max over out, dq, dk, dv of max|x - x64| / max|x64| on the "
-             f"first {ERROR_BATCH} batch items. fp32 rows use IEEE fp32 dots except '(tf32x3)' and '(tf32)'. Sweep rows: "
-             "fwd+bwd only.")
+             f"first {ERROR_BATCH} batch items. fp32 rows use IEEE fp32 dots except '(tf32x3)' and "
+             "'(tf32)'. Sweep rows: fwd+bwd only.")
     if not on_gpu:
         notes += " CPU run: CPU implementations only, small sizes, not comparable with the GPU targets."
     path = report.save_json(args.json)
-    plot_msg = plot(sweep_rows, path.with_suffix(".png"), card["name"]) if sweep_rows else "plot skipped: no sweep"
+    plot_msg = (plot(sweep_rows, path.with_suffix(".png"), card["name"]) if sweep_rows
+                else "plot skipped: no sweep")
     notes += f" {plot_msg}."
     print(table + notes)
     path.with_suffix(".md").write_text(table + notes + "\n")

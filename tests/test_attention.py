@@ -61,7 +61,10 @@ def _fwd_bwd(fn, q, k, v, dout, dtype=None):
     leaves = []
     for t in (q, k, v):
         t = t.detach()
-        t = t.to(dtype) if dtype is not None and dtype != t.dtype else t.clone(memory_format=torch.preserve_format)
+        if dtype is not None and dtype != t.dtype:
+            t = t.to(dtype)
+        else:
+            t = t.clone(memory_format=torch.preserve_format)
         leaves.append(t.requires_grad_())
     out = fn(*leaves)
     out.backward(dout.to(out.dtype))
@@ -311,7 +314,8 @@ def test_opcheck_forward_and_backward_ops():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(tri.attention_fwd, (q, k, v, 1.0, "ieee"))
     out, lse = tri.attention_fwd(q.detach(), k.detach(), v.detach(), 1.0, "ieee")
-    torch.library.opcheck(tri.attention_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, 1.0, "ieee"))
+    torch.library.opcheck(tri.attention_bwd,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, 1.0, "ieee"))
 
 
 def test_torch_compile_traces_the_op_forward_and_backward():

@@ -39,6 +39,7 @@ register_fake + register_autograd), so torch.compile traces it as one opaque op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -300,11 +301,13 @@ def _tiles(E: int, Ev: int, dtype: torch.dtype, interpreted: bool) -> dict:
     Under the interpreter blocks are small (32) so that the odd test shapes span several blocks
     and Ev = 40 spans two value slices. On a GPU: 64-row blocks; the value slice is at most 128
     wide in fp32 (register pressure of the fp32 accumulator), 256 in 16-bit, 64 in fp64; dO v^T
-    is reduced in 64-wide chunks (128 spilled registers in the bf16 dk / dq kernels for sm_90).
+    is reduced in 64-wide chunks (128-wide chunks spilled registers in the bf16 dk / dq kernels
+    for sm_90, ptxas -v).
     """
     block_e = max(16, triton.next_power_of_2(E))
     if interpreted:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e, BLOCK_DV=min(32, max(16, triton.next_power_of_2(Ev))),
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e,
+                    BLOCK_DV=min(32, max(16, triton.next_power_of_2(Ev))),
                     num_warps=4, num_stages=1, dv_chunk=32)
     wide = dtype in (torch.float16, torch.bfloat16)
     block_dv = min(256 if wide else 128, max(16, triton.next_power_of_2(Ev)))
@@ -412,7 +415,8 @@ def resolve_fp32_precision(fp32_precision: str | None) -> str:
             return "tf32"
         fp32_precision = os.environ.get("SAGAN_FAST_TRITON_FP32_PRECISION", "ieee").strip().lower() or "ieee"
     if fp32_precision not in FP32_PRECISIONS:
-        raise ValueError(f"triton sagan_attention: fp32_precision {fp32_precision!r} not one of {FP32_PRECISIONS}")
+        raise ValueError(f"triton sagan_attention: fp32_precision {fp32_precision!r} not one of "
+                         f"{FP32_PRECISIONS}")
     return fp32_precision
 
 
@@ -471,15 +475,7 @@ def _empty_grads(q, k, v):
 
 def _grid_device(t: torch.Tensor):
     """Launch on the tensors' CUDA device (not the current one)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _tuning_key(kind: str, q, k, v, fp32_precision: str) -> tuple:
@@ -500,7 +496,8 @@ def _forward(q, k, v, scale: float, fp32_precision: str):
         _launch("fwd", _attn_fwd_kernel, grid,
                 (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                  N, Nk, E, Ev, float(scale) * LOG2E),
-                dict(BLOCK_E=block_e, INPUT_PRECISION=_input_precision(q.dtype, fp32_precision), ACC=_acc(q.dtype)),
+                dict(BLOCK_E=block_e, INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
+                     ACC=_acc(q.dtype)),
                 _tuning_key("fwd", q, k, v, fp32_precision), interpreted, E, Ev, q.dtype)
     return out, lse
 
@@ -512,7 +509,8 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
         dout = dout.to(q.dtype)
     interpreted = q.device.type == "cpu"
     t = _tiles(E, Ev, q.dtype, interpreted)
-    fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision), ACC=_acc(q.dtype))
+    fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
+                 ACC=_acc(q.dtype))
     qk_scale_log2 = float(scale) * LOG2E
     delta = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
     dq, dk, dv = _empty_grads(q, k, v)
