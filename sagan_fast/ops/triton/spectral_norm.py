@@ -310,6 +310,7 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
         t = _EPS[key] = torch.tensor(eps, dtype=dtype).to(device)
     return t
 
+
 _MAX_PLANS = 64
 
 
@@ -484,7 +485,8 @@ def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: tor
               dim: int) -> torch.Tensor:
     """``weight / sigma``; backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant.
 
-    The result is contiguous. Inputs are checked by :func:`sagan_fast.ops.spectral_norm.spectral_norm_normalize`.
+    The result is contiguous. Inputs are checked by
+    :func:`sagan_fast.ops.spectral_norm.spectral_norm_normalize`.
     """
     _check_normalize(weight, sigma)
     sigma = sigma.reshape(()).to(_acc_dtype(weight.dtype))
@@ -535,7 +537,8 @@ def _dot_partials_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, par
     for s in range(start, end, BLOCK):
         offs = s + tl.arange(0, BLOCK)
         m = offs < end
-        acc += tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC) * tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
+        acc += g * tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
     tl.store(part_ptr + part_off + k, tl.sum(acc, axis=0))
 
 
