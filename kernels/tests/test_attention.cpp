@@ -111,10 +111,13 @@ bool run_case(const Case& c, DType dt, std::mt19937_64& rng) {
 
 // Optional arguments: dtype names to run (fp16 bf16 fp32 fp64); default all.
 bool selected(int argc, char** argv, DType dt) {
-  if (argc < 2) return true;
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == test::dtype_name(dt)) return true;
-  return false;
+  bool any = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a(argv[i]);
+    if (a == test::dtype_name(dt)) return true;
+    any |= a == "fp16" || a == "bf16" || a == "fp32" || a == "fp64";
+  }
+  return !any;
 }
 
 int main(int argc, char** argv) {
@@ -126,9 +129,13 @@ int main(int argc, char** argv) {
   };
   const DType dtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
   int failures = 0;
+  // "quick": the smallest cases only (for the CPU emulator, which is slow).
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) quick |= std::string(argv[i]) == "quick";
   for (DType dt : dtypes)
     if (selected(argc, argv, dt))
-      for (const Case& c : cases) failures += !run_case(c, dt, rng);
+      for (const Case& c : cases)
+        if (!quick || c.N * c.Nk * c.Ev <= 64 * 257 * 13) failures += !run_case(c, dt, rng);
   std::printf("%s\n", failures ? "FAILED" : "PASSED");
   return failures ? 1 : 0;
 }

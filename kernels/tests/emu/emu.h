@@ -1,5 +1,5 @@
 // A tiny CPU emulator of the CUDA features the kernels use, to run kernels/*.cu without a GPU:
-// every block runs its threads as std::threads (blocks one after another), __syncthreads is a
+// every block runs its threads as std::threads (reused across the blocks of a launch), __syncthreads is a
 // std::barrier, warp shuffles go through a per-warp barrier, WMMA fragments are 16x16 float
 // arrays that every lane of a warp computes in full. Dynamic shared memory is filled with 0xFF
 // bytes (NaN), so reading a value no thread wrote shows up as NaN in the results; with
@@ -123,26 +123,31 @@ inline unsigned char* dynamic_smem() {
 template <typename F, typename... Args>
 void launch(F kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
   const int threads = int(block.x * block.y * block.z);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block state(threads, smem);
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            current = &state;
-            threadIdx = dim3(unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y));
-            blockIdx = dim3(bx, by, bz);
-            blockDim = block;
-            gridDim = grid;
-            kernel(args...);
-            // An exited thread no longer takes part in barriers (as on the GPU).
-            state.warps[t / 32]->bar.arrive_and_drop();
-            state.bar.arrive_and_drop();
-          });
-        }
-        for (auto& th : pool) th.join();
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  // One std::thread per CUDA thread of a block; they walk through the blocks of the grid together,
+  // one block at a time (static __shared__ arrays are plain statics here, one copy for all blocks).
+  std::barrier<> next_block(threads);
+  std::vector<std::unique_ptr<Block>> states;
+  for (unsigned i = 0; i < blocks; ++i) states.emplace_back(new Block(threads, smem));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      threadIdx = dim3(unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y));
+      blockDim = block;
+      gridDim = grid;
+      for (unsigned i = 0; i < blocks; ++i) {
+        Block& state = *states[i];
+        current = &state;
+        blockIdx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
+        kernel(args...);
+        // An exited thread no longer takes part in barriers (as on the GPU).
+        state.warps[t / 32]->bar.arrive_and_drop();
+        state.bar.arrive_and_drop();
+        next_block.arrive_and_wait();
       }
+    });
+  }
+  for (auto& th : pool) th.join();
 }
 
 }  // namespace emu
@@ -176,6 +181,9 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   float v[16][16];
 };
+
+// The *_sync operations are warp-collective: no lane proceeds before all lanes arrived.
+inline void warp_sync() { emu::current->warps[threadIdx.x / 32]->bar.arrive_and_wait(); }
 
 inline void check_tile_pointer(const void* p, unsigned ldm, size_t elem) {
   // Real WMMA: 256-bit aligned pointers, ldm a multiple of 16 bytes.
@@ -222,10 +230,13 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const A& a, const B& 
 }
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
   check_tile_pointer(p, ldm, sizeof(float));
-  // Every lane holds the whole tile here; the warp's lane 0 writes it (no benign races).
-  if ((threadIdx.x & 31) != 0) return;
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) (l == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i][j];
+  // Every lane holds the whole tile here; the warp's lane 0 writes it (no benign races), after
+  // every lane is done with its loads and before any lane goes on.
+  warp_sync();
+  if ((threadIdx.x & 31) == 0)
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) (l == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i][j];
+  warp_sync();
 }
 }  // namespace wmma
 }  // namespace nvcuda
