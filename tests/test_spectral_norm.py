@@ -205,9 +205,11 @@ def test_bad_inputs_raise_before_launch():
 
 
 @_triton_ok
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_normalize_multi_matches_reference(dtype, monkeypatch):
-    """All weights in one launch, backward in two; one output gets no gradient (its weight none)."""
+@pytest.mark.parametrize("dtype,capturing", [(torch.float64, False), (torch.float32, False),
+                                             (torch.float32, True)], ids=str)
+def test_normalize_multi_matches_reference(dtype, capturing, monkeypatch):
+    """All weights in one launch, backward in two; one output gets no gradient (its weight none).
+    ``capturing``: the backward as inside a CUDA graph capture (per-weight kernels, no table)."""
     from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
     from sagan_fast.ops.triton import spectral_norm as tsn
     monkeypatch.setattr(tsn, "_BLOCK_MULTI", 256)  # several programs per weight at these sizes
@@ -222,6 +224,9 @@ def test_normalize_multi_matches_reference(dtype, monkeypatch):
     outs = spectral_norm_normalize_multi(ws, [u.to(dtype) for _, u, v in problems],
                                          [v.to(dtype) for _, u, v in problems], sigmas, dims, backend="triton")
     skip = 2  # no gradient flows to this output
+    if capturing:
+        monkeypatch.setattr(tsn, "_capturing", lambda device: True)
+        monkeypatch.setattr(tsn, "_dot_partials_multi_kernel", None)  # must not be used
     torch.autograd.backward([o for i, o in enumerate(outs) if i != skip],
                             [g.to(dtype) for i, g in enumerate(grads) if i != skip])
     tol = TOL[dtype]
@@ -234,6 +239,16 @@ def test_normalize_multi_matches_reference(dtype, monkeypatch):
             assert ws[i].grad is None
         else:
             assert_close_report(ws[i].grad, w_ref.grad, atol=tol, rtol=tol, name=f"{name} dW")
+
+
+@_triton_ok
+def test_no_new_tables_while_capturing(monkeypatch):
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    monkeypatch.setattr(tsn, "_capturing", lambda device: True)
+    w, u, v = _random_problem((5, 7), 0, torch.float32)
+    with pytest.raises(RuntimeError, match="run the same step once eagerly before capturing"):
+        tsn.power_iteration_([w], [u], [v], [0], 1, 1e-12)
 
 
 @_triton_ok

@@ -307,6 +307,7 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
     key = (eps, dtype, str(device))
     t = _EPS.get(key)
     if t is None:
+        _no_tables_while_capturing(device)
         t = _EPS[key] = torch.tensor(eps, dtype=dtype).to(device)
     return t
 
@@ -314,11 +315,25 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
 _MAX_PLANS = 64
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _no_tables_while_capturing(device: torch.device) -> None:
+    # Tables go to the device by a copy from pageable host memory, which a CUDA graph cannot hold.
+    if _capturing(device):
+        raise RuntimeError(
+            "spectral norm (triton): new launch tables are needed while a CUDA graph is being "
+            "captured; run the same step once eagerly before capturing (the tables are cached on "
+            "the tensors' addresses), and keep SN weights contiguous")
+
+
 def _plan_for(weights, us, vs, dims) -> _Plan:
     key = tuple((w.data_ptr(), u.data_ptr(), v.data_ptr(), tuple(w.shape), d)
                 for w, u, v, d in zip(weights, us, vs, dims)) + (str(weights[0].device),)
     plan = _PLANS.get(key)
     if plan is None:
+        _no_tables_while_capturing(weights[0].device)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()  # pointers of freed tensors; rebuilding is cheap
         plan = _PLANS[key] = _Plan(weights, us, vs, dims, weights[0].device)
@@ -613,6 +628,7 @@ def _multi_plan_for(weights, us, vs, sigmas, dims) -> _MultiPlan:
                              for w, u, v, s, d in zip(weights, us, vs, sigmas, dims))
     plan = _PLANS.get(key)
     if plan is None:
+        _no_tables_while_capturing(weights[0].device)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _MultiPlan(weights, us, vs, sigmas, dims, weights[0].device)
@@ -630,6 +646,7 @@ class _NormalizeMulti(torch.autograd.Function):
         _scale_multi_kernel[(plan.n_items,)](plan.items, plan.ptrs, plan.meta, flat,
                                              W_DTYPE=w_t, S_DTYPE=s_t, BLOCK=_BLOCK_MULTI)
         ctx.plan, ctx.weights_meta = plan, (weights[0].dtype, us[0].dtype, vs[0].dtype, sigmas[0].dtype)
+        ctx.dims = dims
         ctx.weights = weights  # parameters: alive anyway; u, v, sigma saved to catch in-place changes
         ctx.save_for_backward(*us, *vs, *sigmas)
         ctx.set_materialize_grads(False)
@@ -643,6 +660,15 @@ class _NormalizeMulti(torch.autograd.Function):
         w_dtype, u_dtype, v_dtype, s_dtype = ctx.weights_meta
         device = weights[0].device
         grads = [g.contiguous() if g is not None else None for g in grads]
+        if _capturing(device):
+            # The gradients' addresses are new, so their table would need a host copy, which a
+            # CUDA graph cannot hold: per-weight backward instead (launches are cheap in a graph).
+            saved = ctx.saved_tensors
+            n = len(weights)
+            us, vs, sigmas = saved[:n], saved[n:2 * n], saved[2 * n:]
+            return (None, None, None, None, *[
+                _normalize_backward_impl(g, w, u, v, s.reshape(()), d) if g is not None else None
+                for g, w, u, v, s, d in zip(grads, weights, us, vs, sigmas, ctx.dims)])
         d_weights = [torch.empty_like(w) if g is not None else None for w, g in zip(weights, grads)]
         # An output that got no gradient gives its weight none; its programs still run (the tables
         # are static), so they read and write a zero scratch tensor.
