@@ -219,6 +219,17 @@ def test_step_input_errors():
     assert not any(m._forward_pre_hooks for m in G.modules() if isinstance(m, torch.nn.Conv2d))
 
 
+def test_make_capturable_moves_adam_step_counters_and_refuses_others():
+    from sagan_fast.train.fast_step import _make_capturable
+    G, D, opt_G, opt_D = tiny_gan(0, 0)
+    opt_G.state[next(G.parameters())]["step"] = torch.tensor(3.0)  # as Adam leaves it after a step
+    _make_capturable(opt_G)
+    assert all(group["capturable"] for group in opt_G.param_groups)
+    assert opt_G.state[next(G.parameters())]["step"].device == next(G.parameters()).device
+    with pytest.raises(ValueError, match="capturable"):
+        _make_capturable(torch.optim.SGD(D.parameters(), lr=0.1))
+
+
 # --- under DDP -----------------------------------------------------------------------------------
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
