@@ -287,6 +287,11 @@ def fuse_spectral_norms(model: nn.Module, *, normalize_all: bool = True) -> nn.M
     and one multi-tensor backward) and the layers use it during this forward; under
     torch.compile, and for a layer called outside the model's forward, each layer normalizes its
     own weight. The layers keep working alone too.
+
+    Trade-off of ``normalize_all``: the model-level backward runs once every W_sn gradient has
+    arrived, i.e. at the end of the model's backward, so under DDP the SN weights' gradients are
+    all ready at the end instead of layer by layer (less all-reduce / backward overlap). Pass
+    ``normalize_all=False`` to keep per-layer backward there if the bench says it is faster.
     """
     for sn, _ in spectral_norm_layers(model):
         sn._fused = True
