@@ -119,8 +119,9 @@ class SpectralNorm(nn.Module):
         return weight._version != self._seen_version or weight.data_ptr() != self._seen_data_ptr
 
     def mark_fresh(self, weight: torch.Tensor) -> None:
-        self._seen_version = weight._version
-        self._seen_data_ptr = weight.data_ptr()
+        # plain ints: skip nn.Module.__setattr__ (host time on every update of every layer)
+        object.__setattr__(self, "_seen_version", weight._version)
+        object.__setattr__(self, "_seen_data_ptr", weight.data_ptr())
 
     @torch.compiler.disable
     def _update_if_stale(self, weight: torch.Tensor) -> None:
@@ -222,8 +223,11 @@ def update_spectral_norms(model: nn.Module | Iterable[nn.Module], *, force: bool
     :class:`SpectralNormError` on a degenerate sigma (one sync); None: :func:`set_check_finite`'s
     setting.
     """
-    pairs = [(sn, w) for sn, w in spectral_norm_layers(model)
-             if sn.training and (force or sn.is_stale(w))]
+    return _update_layers(spectral_norm_layers(model), force, check_finite)
+
+
+def _update_layers(layers, force: bool, check_finite: bool | None) -> int:
+    pairs = [(sn, w) for sn, w in layers if sn.training and (force or sn.is_stale(w))]
     if pairs:
         _power_iterate(pairs, check_finite)
     return len(pairs)
@@ -245,12 +249,19 @@ def check_spectral_norms(model: nn.Module | Iterable[nn.Module]) -> None:
         _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
 
 
+def _fused_layers(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
+    """The SN layers listed by :func:`fuse_spectral_norms` (walking the module tree at every
+    forward costs more host time than the kernels)."""
+    layers = getattr(model, "_sagan_fast_sn_layers", None)
+    return layers if layers is not None else list(spectral_norm_layers(model))
+
+
 @torch.compiler.disable
 def _normalize_all(model: nn.Module) -> None:
     """W_sn of every training-mode SN layer of ``model`` at once (one launch per group on triton),
     stashed on the layers for this forward."""
     groups: dict[tuple, list[tuple[SpectralNorm, torch.Tensor]]] = {}
-    for sn, w in spectral_norm_layers(model):
+    for sn, w in _fused_layers(model):
         if sn.training:
             groups.setdefault((w.device, sn.backend), []).append((sn, w))
     grad_mode = torch.is_grad_enabled()
@@ -263,13 +274,18 @@ def _normalize_all(model: nn.Module) -> None:
 
 
 def _clear_stashes(model: nn.Module) -> None:
-    for sn, _ in spectral_norm_layers(model):
+    for sn, _ in _fused_layers(model):
         sn._w_sn_stash = None
+
+
+@torch.compiler.disable
+def _fused_update(model: nn.Module) -> None:
+    _update_layers(_fused_layers(model), False, None)
 
 
 def _fused_pre_hook(module: nn.Module, args) -> None:
     if module.training:
-        update_spectral_norms(module)
+        _fused_update(module)
         if getattr(module, "_sagan_fast_sn_normalize_all", False) and not torch.compiler.is_compiling():
             _normalize_all(module)
 
@@ -286,15 +302,18 @@ def fuse_spectral_norms(model: nn.Module, *, normalize_all: bool = True) -> nn.M
     the pre-hook also computes every layer's W / sigma at once (one launch on the triton backend,
     and one multi-tensor backward) and the layers use it during this forward; under
     torch.compile, and for a layer called outside the model's forward, each layer normalizes its
-    own weight. The layers keep working alone too.
+    own weight. The layers keep working alone too. The list of SN layers is taken now: call
+    again after adding or removing SN layers.
 
     Trade-off of ``normalize_all``: the model-level backward runs once every W_sn gradient has
     arrived, i.e. at the end of the model's backward, so under DDP the SN weights' gradients are
     all ready at the end instead of layer by layer (less all-reduce / backward overlap). Pass
     ``normalize_all=False`` to keep per-layer backward there if the bench says it is faster.
     """
-    for sn, _ in spectral_norm_layers(model):
+    layers = list(spectral_norm_layers(model))
+    for sn, _ in layers:
         sn._fused = True
+    model._sagan_fast_sn_layers = layers
     model._sagan_fast_sn_normalize_all = bool(normalize_all)
     if not getattr(model, "_sagan_fast_sn_fused", False):
         model.register_forward_pre_hook(_fused_pre_hook)
