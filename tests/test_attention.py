@@ -158,22 +158,22 @@ def test_fp32_precision_choice(monkeypatch):
 
 
 def _gpu_launch_path(monkeypatch):
-    """Route every launch through the GPU path (candidate configs) while still interpreting."""
-    original = tri._launch
-
-    def gpu_path(kind, kernel, grid, args, kwargs, key, interpreted, E, Ev, dtype):
-        return original(kind, kernel, grid, args, kwargs, key, False, E, Ev, dtype)
-    monkeypatch.setattr(tri, "_launch", gpu_path)
+    """Take the GPU path (candidate configs, tuning, fused dk + dv choice) while still interpreting."""
+    monkeypatch.setattr(tri, "_interpreted", lambda t: False)
     monkeypatch.setattr(tri, "_TUNED", {})
+    monkeypatch.setattr(tri, "_TUNED_MS", {})
+    monkeypatch.setattr(tri, "_FUSED_DKDV", {})
 
 
-def test_every_gpu_launch_candidate_computes_the_same_result(monkeypatch):
-    """The tuner's candidates (64/128-row blocks, value slices up to 128 in fp32) are all correct."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_every_gpu_launch_candidate_computes_the_same_result(monkeypatch, dtype):
+    """The tuner's candidates (64/128-row blocks, value slices up to 128 / 256) are all correct;
+    fp16 also runs the fused dk + dv kernel with its GPU tiles (and the split one on first use)."""
     _gpu_launch_path(monkeypatch)
     original = tri._candidate_configs
     shape = (1, 70, 45, 24, 72)   # Ev = 72: one 128 slice or two 64 slices; N, Nk not block multiples
-    q, k, v, dout = _make(*shape, torch.float32, device=_device())
-    longest = max(len(original(kind, shape[3], shape[4], torch.float32)) for kind in tri._CANDIDATES)
+    q, k, v, dout = _make(*shape, dtype, device=_device())
+    longest = max(len(original(kind, shape[3], shape[4], dtype)) for kind in tri._CANDIDATES)
     for i in range(longest):
         def only_ith(kind, E, Ev, dtype, i=i):
             cands = original(kind, E, Ev, dtype)
@@ -181,7 +181,7 @@ def test_every_gpu_launch_candidate_computes_the_same_result(monkeypatch):
         monkeypatch.setattr(tri, "_candidate_configs", only_ith)
         tri._TUNED.clear()
         ours = _fwd_bwd(tri.sagan_attention, q, k, v, dout)
-        _check_against_fp64(ours, q, k, v, dout, 1.0, torch.float32)
+        _check_against_fp64(ours, q, k, v, dout, 1.0, dtype)
 
 
 def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
@@ -204,6 +204,13 @@ def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
     assert len(candidates) > 2 and len(calls) == len(candidates)
     (key, chosen), = tri._TUNED.items()
     assert key[0] == "fwd" and chosen == candidates[-1]
+    # Backward in fp16: the fused dk + dv kernel and the split pair are both timed on first use,
+    # the faster kept; dk, dv are right either way.
+    calls.clear()
+    q16, k16, v16, dout16 = _make(1, 33, 20, 16, 40, torch.float16, device=_device())
+    ours = _fwd_bwd(tri.sagan_attention, q16, k16, v16, dout16)
+    _check_against_fp64(ours, q16, k16, v16, dout16, 1.0, torch.float16)
+    assert len(tri._FUSED_DKDV) == 1
     tri._TUNED.clear()
     monkeypatch.setenv("SAGAN_FAST_TRITON_AUTOTUNE", "0")
     tri.sagan_attention(q, k, v)
@@ -409,6 +416,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                  dict(num_warps=4, num_stages=t["num_stages"]))]
         kernels = dict(fwd=A._attn_fwd_kernel, dv=A._attn_bwd_dv_kernel, dk=A._attn_bwd_dk_kernel,
                        dq=A._attn_bwd_dq_kernel)
+        if A.fused_dkdv_fits(Ev, dtype):
+            kernels["dkdv"] = A._attn_bwd_dkdv_kernel
         for kind, kernel in kernels.items():
             configs = A._candidate_configs(kind, E, Ev, dtype)
             for c in (configs if which == "all" else configs[:1]):
@@ -447,7 +456,8 @@ def test_kernels_compile_for_sm90_in_every_dtype():
     # ~1 s per kernel on a 2-core CPU (Triton caches them afterwards).
     jobs = ["bfloat16:32:256:ieee:default", "bfloat16:64:512:ieee:default", "float32:32:256:ieee:default",
             "float32:32:256:tf32x3:default", "float64:32:256:ieee:default"]
-    assert _compile_for_sm90(jobs).count("compiled") == 5 * len(jobs)
+    # delta, fwd, dv, dk, dq, and the fused dk + dv where it applies (bf16 at Ev = 256).
+    assert _compile_for_sm90(jobs).count("compiled") == 5 * len(jobs) + 1
 
 
 @pytest.mark.slow

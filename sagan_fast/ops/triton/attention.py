@@ -8,11 +8,12 @@ accumulator) and writes its output slice plus one natural-log logsumexp per row.
 tensor exists. When Ev needs several slices, each slice recomputes q k^T: that costs E / BLOCK_DV
 of the p v work (E = 32 against 256 in SAGAN), cheaper than holding a B x N x Ev accumulator.
 
-Backward (recompute from the logsumexp, delta = rowsum(dO * O) first), three kernels, no atomics:
-- dv: one program per (key block, value slice) sums p^T dO over all query blocks;
-- dk: one program per key block sums ds^T q, ds = p * (dO v^T - delta);
-- dq: one program per query block sums ds k.
-dO v^T is reduced over Ev in BLOCK_DV chunks, so any Ev fits.
+Backward (recompute from the logsumexp, delta = rowsum(dO * O) first), no atomics:
+- dk and dv: for 16-bit inputs whose padded Ev fits one tile (<= 256), one program per key block
+  sums p^T dO and ds^T q (ds = p * (dO v^T - delta)) in one pass over the queries;
+  otherwise (or when timing on the GPU finds it faster) two kernels: dv per (key block, value
+  slice), dk per key block with dO v^T reduced over Ev in chunks, so any Ev fits;
+- dq: one program per query block sums ds k, dO v^T reduced over Ev in chunks.
 
 Strides are arbitrary (stride 0 and the channel-major view ``h.flatten(2).transpose(1, 2)`` of a
 1x1-conv output are read in place). The output takes v's layout: channel-major values give a
@@ -247,6 +248,59 @@ def _attn_bwd_dk_kernel(
 
 
 @triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qn, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_dob, stride_don, stride_doe,
+    stride_dkb, stride_dkn, stride_dke,
+    stride_dvb, stride_dvn, stride_dve,
+    N, NK, E, EV, qk_scale_log2, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dk and dv of one key block in one pass over the queries, when Ev fits one BLOCK_DV tile:
+    p and dO are computed / read once for both (the split dv + dk kernels do it twice)."""
+    pid_n = tl.program_id(0)
+    off_b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, BLOCK_DV)
+    mask_n = cols < NK
+    mask_e = offs_e < E
+    mask_c = offs_c < EV
+    k = tl.load(K + off_b * stride_kb + cols[:, None] * stride_kn + offs_e[None, :] * stride_ke,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    v = tl.load(V + off_b * stride_vb + cols[:, None] * stride_vn + offs_c[None, :] * stride_ve,
+                mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+    acc_dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
+    acc_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
+                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+        do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + offs_c[None, :] * stride_doe,
+                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        # +inf lse on padded rows makes their p exactly 0.
+        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        acc_dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        acc_dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC)
+    acc_dk = acc_dk * scale
+    tl.store(DK + off_b * stride_dkb + cols[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
+             acc_dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
+    tl.store(DV + off_b * stride_dvb + cols[:, None] * stride_dvn + offs_c[None, :] * stride_dve,
+             acc_dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qn, stride_qe,
@@ -330,23 +384,36 @@ _CANDIDATES = {
            (64, 128, 64, 4, 3)],
     "dk": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 64, 8, 3), (64, 64, 32, 4, 1)],
     "dq": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 64, 64, 8, 3)],
+    # BLOCK_DV is always the whole padded Ev here (the kernel needs it in one tile).
+    "dkdv": [(64, 64, 0, 8, 2), (32, 64, 0, 8, 2), (64, 64, 0, 8, 3), (32, 64, 0, 4, 2)],
 }
+
+
+def fused_dkdv_fits(Ev: int, dtype: torch.dtype) -> bool:
+    """Whether the one-pass dk + dv kernel applies on a GPU: 16-bit inputs whose padded Ev is one
+    default value slice (<= 256). fp32 / fp64 use the split kernels: with fp32 operands ptxas
+    spilled kilobytes per thread for the fused one even at Ev = 128."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return max(16, triton.next_power_of_2(Ev)) <= _tiles(16, Ev, dtype, False)["BLOCK_DV"]
 
 
 def _candidate_configs(kind: str, E: int, Ev: int, dtype: torch.dtype) -> list[dict]:
     """Launch settings to try for one kernel, the default (``_tiles``) first, no duplicates."""
     t = _tiles(E, Ev, dtype, False)
     chunked = kind in ("dk", "dq")
+    full_ev = max(16, triton.next_power_of_2(Ev))
     first = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
-                 BLOCK_DV=t["dv_chunk"] if chunked else t["BLOCK_DV"],
+                 BLOCK_DV=t["dv_chunk"] if chunked else full_ev if kind == "dkdv" else t["BLOCK_DV"],
                  num_warps=t["num_warps"], num_stages=t["num_stages"])
     configs = [first]
     if dtype == torch.float64:
         return configs
-    cap = min(256 if dtype in (torch.float16, torch.bfloat16) else 128, max(16, triton.next_power_of_2(Ev)))
+    cap = min(256 if dtype in (torch.float16, torch.bfloat16) else 128, full_ev)
     four_bytes = dtype == torch.float32
     for bm, bn, bdv, warps, stages in _CANDIDATES[kind]:
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=min(bdv, cap), num_warps=warps, num_stages=stages)
+        bdv = full_ev if kind == "dkdv" else min(bdv, cap)
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv, num_warps=warps, num_stages=stages)
         # fp32 tiles twice the bytes: ptxas spilled kilobytes for the larger ones at 4 warps.
         if four_bytes and max(bm, bn) * c["BLOCK_DV"] > (8192 if warps == 8 else 4096):
             continue
@@ -363,6 +430,9 @@ def autotune_enabled() -> bool:
 _TUNED: dict[tuple, dict] = {}
 
 
+_TUNED_MS: dict[tuple, float] = {}
+
+
 def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, interpreted: bool,
             E: int, Ev: int, dtype: torch.dtype) -> None:
     """Launch ``kernel`` with the fastest candidate for ``key``, timed on first use on a GPU.
@@ -373,8 +443,9 @@ def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, inte
     """
     if interpreted:
         t = _tiles(E, Ev, dtype, True)
-        config = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
-                      BLOCK_DV=t["dv_chunk"] if kind in ("dk", "dq") else t["BLOCK_DV"],
+        block_dv = (t["dv_chunk"] if kind in ("dk", "dq") else
+                    max(16, triton.next_power_of_2(Ev)) if kind == "dkdv" else t["BLOCK_DV"])
+        config = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_DV=block_dv,
                       num_warps=t["num_warps"], num_stages=t["num_stages"])
     else:
         config = _TUNED.get(key)
@@ -391,7 +462,8 @@ def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, inte
                         continue
                     if best is None or ms < best[0]:
                         best = (ms, c)
-                config = best[1] if best is not None else config
+                if best is not None:
+                    _TUNED_MS[key], config = best
             _TUNED[key] = config
     kernel[grid(config)](*args, **kwargs, **config)
 
@@ -478,6 +550,24 @@ def _grid_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# Per tuning key of the fused kernel: whether it beat the split dv + dk kernels when timed.
+_FUSED_DKDV: dict[tuple, bool] = {}
+
+
+def _use_fused_dkdv(q, k, v, fp32_precision: str, interpreted: bool) -> bool:
+    Ev = v.shape[2]
+    if interpreted:   # Ev within one 32-wide interpreter tile: the tests cover both kernels
+        return max(16, triton.next_power_of_2(Ev)) <= _tiles(q.shape[2], Ev, q.dtype, True)["BLOCK_DV"]
+    if not fused_dkdv_fits(Ev, q.dtype):
+        return False
+    return _FUSED_DKDV.get(_tuning_key("dkdv", q, k, v, fp32_precision), True)
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    """CPU tensors run in the interpreter (check_inputs refused them otherwise): small fixed tiles."""
+    return t.device.type == "cpu"
+
+
 def _tuning_key(kind: str, q, k, v, fp32_precision: str) -> tuple:
     return (kind, q.device.index, q.dtype, fp32_precision, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
 
@@ -487,7 +577,7 @@ def _forward(q, k, v, scale: float, fp32_precision: str):
     Nk, Ev = k.shape[1], v.shape[2]
     out = _empty_out(q, v)
     lse = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
-    interpreted = q.device.type == "cpu"
+    interpreted = _interpreted(q)
     block_e = _tiles(E, Ev, q.dtype, interpreted)["BLOCK_E"]
 
     def grid(c):
@@ -507,7 +597,7 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
     Nk, Ev = k.shape[1], v.shape[2]
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
-    interpreted = q.device.type == "cpu"
+    interpreted = _interpreted(q)
     t = _tiles(E, Ev, q.dtype, interpreted)
     fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
                  ACC=_acc(q.dtype))
@@ -529,14 +619,34 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
         _attn_bwd_delta_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
             out, dout, delta, *out.stride(), *dout.stride(), N, Ev,
             BLOCK_M=t["BLOCK_M"], BLOCK_DV=t["dv_chunk"], ACC=_acc(q.dtype), num_warps=4)
-        _launch("dv", _attn_bwd_dv_kernel, key_blocks_and_slices,
-                (q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
-                 N, Nk, E, Ev, qk_scale_log2), fixed,
-                _tuning_key("dv", q, k, v, fp32_precision), **tuning)
-        _launch("dk", _attn_bwd_dk_kernel, key_blocks,
-                (q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-                 *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
-                _tuning_key("dk", q, k, v, fp32_precision), **tuning)
+
+        def fused():
+            _launch("dkdv", _attn_bwd_dkdv_kernel, key_blocks,
+                    (q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+                     *dout.stride(), *dk.stride(), *dv.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)),
+                    fixed, _tuning_key("dkdv", q, k, v, fp32_precision), **tuning)
+
+        def split():
+            _launch("dv", _attn_bwd_dv_kernel, key_blocks_and_slices,
+                    (q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
+                     N, Nk, E, Ev, qk_scale_log2), fixed,
+                    _tuning_key("dv", q, k, v, fp32_precision), **tuning)
+            _launch("dk", _attn_bwd_dk_kernel, key_blocks,
+                    (q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+                     *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
+                    _tuning_key("dk", q, k, v, fp32_precision), **tuning)
+
+        if not _use_fused_dkdv(q, k, v, fp32_precision, interpreted):
+            split()
+        elif interpreted or not autotune_enabled() or _tuning_key("dkdv", q, k, v, fp32_precision) in _TUNED:
+            fused()
+        else:
+            # First use of this shape: tune both ways (each writes correct dk, dv), keep the faster.
+            split()
+            fused()
+            keys = [_tuning_key(kind, q, k, v, fp32_precision) for kind in ("dkdv", "dv", "dk")]
+            if all(key in _TUNED_MS for key in keys):
+                _FUSED_DKDV[keys[0]] = _TUNED_MS[keys[0]] <= _TUNED_MS[keys[1]] + _TUNED_MS[keys[2]]
         _launch("dq", _attn_bwd_dq_kernel, query_blocks,
                 (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
                  *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
