@@ -404,3 +404,26 @@ def test_gpu_spectral_norm_matches_reference(dtype):
                                                 vs[i].double(), sigmas[i].double(), d)
         assert_close_report(w_sn, w.double() / sigmas[i].double(), atol=tol, rtol=tol, name=f"w_sn[{i}]")
         assert_close_report(wg.grad, want, atol=tol * want.abs().max().item(), rtol=tol, name=f"dW[{i}]")
+
+
+def test_ops_trace_under_torch_compile():
+    """fullgraph: the ext ops (fake kernels + registered autograd) trace without graph breaks."""
+    q, k, v = _attention_inputs(2, 9, 11, 3, 5, torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    u, vec = torch.randn(4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    sigma = reference.spectral_norm_sigma(w.detach(), u, vec)
+
+    def step(q, k, v, w):
+        out = sagan_attention(q, k, v, scale=0.5, backend="cuda")
+        w_sn = spectral_norm_normalize(w, u, vec, sigma, dim=0, backend="cuda")
+        return out.square().sum() + (w_sn * w_sn.flip(0)).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v, w)
+    loss.backward()
+    got = [t.grad.clone() for t in (q, k, v, w)]
+    for t in (q, k, v, w):
+        t.grad = None
+    step(q, k, v, w).backward()
+    for i, t in enumerate((q, k, v, w)):
+        assert_close_report(got[i], t.grad, name=f"grad[{i}]", **TOL[torch.float64])
