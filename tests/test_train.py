@@ -287,3 +287,16 @@ def test_logger_rewinds_to_the_resume_step_and_drops_a_half_written_line(tmp_pat
     assert records == [{"step": 1}, {"step": 5}, {"step": 6, "loss_d": 1.5, "bad": None}]
     RunLogger(tmp_path / "rank1", enabled=False, total_steps=10).log(1, {"x": 1.0})
     assert not (tmp_path / "rank1").exists(), "a non-main rank wrote files"
+
+
+def test_cpu_threads_respects_the_request_then_the_environment_then_idle_cores(monkeypatch):
+    from sagan_fast.train.loop import cpu_threads
+
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(0) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.getloadavg", lambda: (1e6, 0.0, 0.0))  # every core busy
+    assert cpu_threads(0) == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: torch's own default
+    assert cpu_threads(0) == min(torch.get_num_threads(), len(__import__("os").sched_getaffinity(0)))

@@ -163,6 +163,10 @@ class RunConfig:
     path. --resume alone means 'latest'."""
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK if CUDA is available, else cpu), 'cpu' or 'cuda'."""
+    cpu_threads: int = 0
+    """Intra-op threads of a CPU run; 0: $OMP_NUM_THREADS if set, else the cores left idle by other
+    processes (from the load average), at least 1 (busy-waiting OpenMP threads on busy cores made
+    a step 5x slower on a shared 2-core machine)."""
     sync_bn: bool = False
     """Synchronize G's batch-norm statistics across processes (SyncBatchNorm)."""
     deterministic: bool = False
@@ -176,6 +180,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(bool(self.out), "out", "must be a folder path")
+        _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         for name in ("log_every", "ckpt_every", "keep_ckpts", "sample_every", "n_samples"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _check(self.device in ("auto", "cpu", "cuda"), "device",

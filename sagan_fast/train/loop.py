@@ -301,6 +301,17 @@ def make_state(cfg: TrainConfig, info: DistInfo, data: DataSource) -> TrainState
     return TrainState(G, D, EMA(G, cfg.optim.ema_decay, cfg.optim.ema_start), opt_G, opt_D, data.sampler)
 
 
+def cpu_threads(requested: int) -> int:
+    """``requested`` if > 0, else $OMP_NUM_THREADS if set, else the idle cores (at least 1)."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(torch.get_num_threads(), cores - busy))
+
+
 def per_rank_seed(cfg: TrainConfig, info: DistInfo, step: int = 0) -> int:
     """Noise and flips differ per rank (model init, before, was shared)."""
     return cfg.run.seed + 1_000_003 * (info.rank + 1) + step
@@ -375,6 +386,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for float32 runs (bf16 runs are unaffected)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.run.cpu_threads))
 
     data = make_data(cfg, info)
     state = make_state(cfg, info, data)
