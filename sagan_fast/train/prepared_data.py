@@ -195,8 +195,9 @@ class PreparedDataset(Dataset):
         return batch, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
 
 
-def _batch_collate(batch):
-    return batch  # __getitems__ already built the batch tensors
+def collate_prepared(batch):
+    """DataLoader collate_fn for :class:`PreparedDataset`: ``__getitems__`` already built the batch."""
+    return batch
 
 
 def make_loader(dataset: PreparedDataset, sampler: ShardedBatchSampler, *, workers: int = 2,
@@ -208,7 +209,7 @@ def make_loader(dataset: PreparedDataset, sampler: ShardedBatchSampler, *, worke
     """
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_batch_collate, pin_memory=pin,
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_prepared, pin_memory=pin,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))
 
