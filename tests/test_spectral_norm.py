@@ -249,6 +249,13 @@ def test_no_new_tables_while_capturing(monkeypatch):
     w, u, v = _random_problem((5, 7), 0, torch.float32)
     with pytest.raises(RuntimeError, match="run the same step once eagerly before capturing"):
         tsn.power_iteration_([w], [u], [v], [0], 1, 1e-12)
+    # a plan built before the capture and used during it outlives any cache eviction
+    monkeypatch.setattr(tsn, "_CAPTURED_PLANS", [])
+    monkeypatch.setattr(tsn, "_capturing", lambda device: False)
+    tsn.power_iteration_([w], [u], [v], [0], 1, 1e-12)
+    monkeypatch.setattr(tsn, "_capturing", lambda device: True)
+    tsn.power_iteration_([w], [u], [v], [0], 1, 1e-12)
+    assert len(tsn._CAPTURED_PLANS) == 1
 
 
 @_triton_ok

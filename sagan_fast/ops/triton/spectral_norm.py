@@ -313,6 +313,15 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 _MAX_PLANS = 64
+# Plans whose tables a captured CUDA graph reads: never freed, whatever happens to the cache.
+_CAPTURED_PLANS: list = []
+
+
+def _keep_if_captured(plan, device: torch.device):
+    if not getattr(plan, "captured", False) and _capturing(device):
+        plan.captured = True
+        _CAPTURED_PLANS.append(plan)
+    return plan
 
 
 def _capturing(device: torch.device) -> bool:
@@ -337,7 +346,7 @@ def _plan_for(weights, us, vs, dims) -> _Plan:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()  # pointers of freed tensors; rebuilding is cheap
         plan = _PLANS[key] = _Plan(weights, us, vs, dims, weights[0].device)
-    return plan
+    return _keep_if_captured(plan, weights[0].device)
 
 
 def _check_vectors(weights, us, vs) -> None:
@@ -632,7 +641,7 @@ def _multi_plan_for(weights, us, vs, sigmas, dims) -> _MultiPlan:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _MultiPlan(weights, us, vs, sigmas, dims, weights[0].device)
-    return plan
+    return _keep_if_captured(plan, weights[0].device)
 
 
 class _NormalizeMulti(torch.autograd.Function):
