@@ -33,8 +33,16 @@ device): images/s it sustains, to compare with the step's.
 
 Usage::
 
-    python bench/train_step.py --quick                # GPU: 128 px, fp32 + bf16; CPU: tiny sizes
+    python bench/train_step.py --quick                # GPU: 128 px bf16, 3 rows; CPU: tiny sizes
     python bench/train_step.py --resolutions 32,64,128 --ch 64 --batch 64 --cuda-graphs --ddp
+
+The GPU check of issue #6 (one run of at most 8 minutes; the first steps of a compiled row are
+compilation, ~1-2 minutes each)::
+
+    python bench/train_step.py --quick --json bench/results/train_step-quick.json
+    python -m sagan_fast.train.prepared_data RANDOM_PNGS /tmp/prep --resolution 128   # or --data digits
+    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --bf16 --steps 200 \
+        --log-every 50 --no-progress --out /tmp/run128
 
 On a machine with no GPU everything runs on the CPU at small sizes and the report says so: CPU
 numbers say nothing about the GPU targets.
@@ -310,7 +318,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="GPU: 128 px, fewer configs; CPU: the tiny default")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--resolutions", default=None, help="comma-separated from 32,64,128 (default GPU 32,64,128; CPU 32)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated from fp32,bf16")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated from fp32,bf16 (default both; --quick on a GPU: bf16, the target's)")
     p.add_argument("--ch", type=int, default=None, help="width multiplier (default GPU 64, CPU 4)")
     p.add_argument("--batch", type=int, default=None, help="real images per step (default GPU 64, CPU 4)")
     p.add_argument("--n-classes", type=int, default=0, help="0: unconditional")
@@ -324,7 +333,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, autotune, capture)")
     p.add_argument("--reps", type=int, default=5, help="timed steps on CPU (GPU: do_bench decides)")
     p.add_argument("--warmup-ms", type=float, default=200)
-    p.add_argument("--rep-ms", type=float, default=1000)
+    p.add_argument("--rep-ms", type=float, default=None, help="do_bench measuring time per row (default 1000, --quick 300)")
     p.add_argument("--ddp", action="store_true", help="also the 1- vs 2-process DDP rows (torchrun)")
     p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-data", action="store_true", help="skip the input-pipeline row")
@@ -337,7 +346,7 @@ def parse_args(argv):
     if not args.resolutions:
         args.resolutions = ("128" if args.quick else "32,64,128") if gpu else "32"
     args.resolutions = [int(r) for r in args.resolutions.split(",")]
-    args.precisions = args.precisions.split(",")
+    args.precisions = (args.precisions or ("bf16" if args.quick and gpu else "fp32,bf16")).split(",")
     for prec in args.precisions:
         if prec not in ("fp32", "bf16"):
             p.error(f"--precisions: {prec!r} is not fp32 or bf16")
@@ -351,12 +360,14 @@ def parse_args(argv):
         if bad:
             p.error(f"--configs: unknown {bad}; choose from {CONFIGS}")
     else:
-        args.configs = ["fast", "plain_sdpa", "plain_cached"] + (["plain_cached_compiled"] if gpu else [])
-        if not args.quick:
-            args.configs.insert(2, "plain_naive")
+        if args.quick:  # GPU: ours, the eager baseline and the strongest plain one (fits the 8-minute check)
+            args.configs = ["fast", "plain_sdpa", "plain_cached_compiled" if gpu else "plain_cached"]
+        else:
+            args.configs = ["fast", "plain_sdpa", "plain_naive", "plain_cached"] + (["plain_cached_compiled"] if gpu else [])
         if args.cuda_graphs and gpu:
             args.configs[1:1] = ["fast_graphs", "fast_graphs_compiled"]
     args.compile = gpu if args.compile is None else args.compile
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (300 if args.quick else 1000)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.data_workers = args.data_workers if args.data_workers is not None else (8 if gpu else 1)
     return args, device
