@@ -57,6 +57,12 @@ def is_prepared(path: str | os.PathLike) -> bool:
         return False
 
 
+def _init_decode_worker() -> None:
+    # One thread per process (as DataLoader workers do): the processes are the parallelism, and a
+    # forked child must not reuse the parent's OpenMP pool.
+    torch.set_num_threads(1)
+
+
 def _decode_chunk(args: tuple[list[str], int]) -> list[np.ndarray | str]:
     """Worker: uint8 (R, R, 3) per file, or the error text for an unreadable one."""
     files, resolution = args
@@ -98,7 +104,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, 
         chunks = [([str(f) for f in files[i:i + chunk]], resolution) for i in range(0, len(files), chunk)]
         workers = (os.cpu_count() or 1) if workers is None else workers
         count, skipped = 0, []
-        pool = ProcessPoolExecutor(workers) if workers > 0 and len(chunks) > 1 else None
+        pool = (ProcessPoolExecutor(workers, initializer=_init_decode_worker)
+                if workers > 0 and len(chunks) > 1 else None)
         try:
             results = pool.map(_decode_chunk, chunks) if pool else map(_decode_chunk, chunks)
             for (names, _), decoded in zip(chunks, results):  # in order: the array follows the sorted listing
