@@ -5,8 +5,9 @@ Configurations (rows), each at every resolution and precision asked for:
 
 - ``fast``: our models (fused SN, our attention op) through ``sagan_fast.train.fast_step.GANStep``:
   bf16 autocast or fp32, channels_last, D once on cat([real, fake]), no D weight gradients in the
-  G step, torch.compile on CUDA (``--cuda-graphs`` adds ``fast_graphs``: the whole step as one
-  CUDA graph, and ``fast_graphs_compiled`` both).
+  G step, torch.compile on CUDA. ``fast_eager``: the same without torch.compile (on a GPU: what
+  compilation buys). ``--cuda-graphs`` adds ``fast_graphs`` (the whole step as one CUDA graph, no
+  compile) and ``fast_graphs_compiled`` (both): these rows decide the default by measurement.
 - ``plain_sdpa`` / ``plain_naive``: torch's SN parametrization, SDPA or naive bmm+softmax attention,
   eager, the textbook step (D on real then on fake, D's gradients computed in the G step).
 - ``plain_cached``: torch SN inside ``parametrize.cached()`` (one power iteration per step instead of
@@ -73,7 +74,7 @@ from sagan_fast.train.fast_step import GANStep  # noqa: E402
 from sagan_fast.train.losses import hinge_loss_d, hinge_loss_g  # noqa: E402
 
 PLAIN_CONFIGS = ("plain_sdpa", "plain_naive", "plain_cached", "plain_cached_compiled")
-FAST_CONFIGS = ("fast", "fast_graphs", "fast_graphs_compiled")
+FAST_CONFIGS = ("fast", "fast_eager", "fast_graphs", "fast_graphs_compiled")
 CONFIGS = FAST_CONFIGS + PLAIN_CONFIGS
 LR_G, LR_D, BETAS = 1e-4, 4e-4, (0.0, 0.9)
 
@@ -134,9 +135,8 @@ def make_step(config: str, G, D, opt_G, opt_D, real, y, precision: str, compile_
     if config in PLAIN_CONFIGS:
         return plain_step_fn(config, G, D, opt_G, opt_D, real, y, precision)
     graphs = config.startswith("fast_graphs")
-    fast = GANStep(G, D, opt_G, opt_D, precision=precision, channels_last=True,
-                   compile=compile_fast if config == "fast" else config == "fast_graphs_compiled",
-                   cuda_graphs=graphs)
+    compile = {"fast": compile_fast, "fast_eager": False, "fast_graphs": False, "fast_graphs_compiled": True}[config]
+    fast = GANStep(G, D, opt_G, opt_D, precision=precision, channels_last=True, compile=compile, cuda_graphs=graphs)
     real_cl = real.contiguous(memory_format=torch.channels_last)
     return lambda: fast(real_cl, y)
 
@@ -363,7 +363,8 @@ def parse_args(argv):
         if args.quick:  # GPU: ours, the eager baseline and the strongest plain one (fits the 8-minute check)
             args.configs = ["fast", "plain_sdpa", "plain_cached_compiled" if gpu else "plain_cached"]
         else:
-            args.configs = ["fast", "plain_sdpa", "plain_naive", "plain_cached"] + (["plain_cached_compiled"] if gpu else [])
+            args.configs = (["fast"] + (["fast_eager"] if gpu else [])
+                            + ["plain_sdpa", "plain_naive", "plain_cached"] + (["plain_cached_compiled"] if gpu else []))
         if args.cuda_graphs and gpu:
             args.configs[1:1] = ["fast_graphs", "fast_graphs_compiled"]
     args.compile = gpu if args.compile is None else args.compile
@@ -398,12 +399,18 @@ def main(argv: list[str] | None = None) -> int:
                                error=repr(exc)[:300])
     add_ratios([r for r in report.rows if "ms_per_step" in r])
     if not args.no_data:
-        report.add(**measure_data(args.resolutions[-1], args.batch, args.data_workers, device,
-                                  n_batches=20 if device.type == "cuda" else 3))
+        row = measure_data(args.resolutions[-1], args.batch, args.data_workers, device,
+                           n_batches=20 if device.type == "cuda" else 3)
+        fast = [r["images_per_s"] for r in report.rows
+                if r.get("config", "").startswith("fast") and r.get("resolution") == row["resolution"]
+                and "images_per_s" in r]
+        # > 1: the loader delivers images faster than the fastest step consumes them.
+        row["data_headroom"] = row["images_per_s"] / max(fast) if fast else None
+        report.add(**row)
     if args.ddp:
         run_ddp(args, argv, report)
     columns = ["config", "resolution", "precision", "ms_per_step", "images_per_s", "peak_mib", "launches",
-               "speedup_vs_plain", "speedup_vs_best_plain", "ddp_efficiency", "error"]
+               "speedup_vs_plain", "speedup_vs_best_plain", "data_headroom", "ddp_efficiency", "error"]
     columns = [c for c in columns if any(r.get(c) is not None for r in report.rows)]
     print(report.markdown(columns))
     if device.type != "cuda":
