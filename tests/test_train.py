@@ -300,3 +300,17 @@ def test_cpu_threads_respects_the_request_then_the_environment_then_idle_cores(m
     assert cpu_threads(0) == 1
     monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: torch's own default
     assert cpu_threads(0) == min(torch.get_num_threads(), len(__import__("os").sched_getaffinity(0)))
+
+
+def test_discriminator_on_a_concatenated_batch_equals_two_calls():
+    """The loop's D(cat([real, fake])) relies on D having no batch statistics."""
+    from sagan_fast.train.loop import build_models
+
+    cfg = tiny_config(Path("unused"))
+    _, D = build_models(cfg, image_channels=1)
+    real, fake = torch.randn(3, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    y_real, y_fake = torch.tensor([1, 4, 9]), torch.tensor([0, 7])
+    joint = D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
+    separate = torch.cat([D(real, y_real), D(fake, y_fake)])
+    # float32 convolutions over different batch sizes may sum in another order: ~1e-6 relative.
+    torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,9 @@ The step itself is :func:`train_step` (``d_steps`` discriminator steps then one 
 a unit with no I/O that a faster implementation can replace.
 
 Why D sees real and fake in one call, ``D(cat([real, fake]))``: our D has no batch statistics (SN,
-no BN), so the logits equal those of two separate calls, and one forward + one backward means one
-DDP gradient reduction and larger kernels. (Two calls before one backward would be correct too:
+no BN), so each logit is the same function of its own image as in two separate calls (up to
+floating-point summation order; tests/test_train.py checks it), and one forward + one backward
+means one DDP gradient reduction and larger kernels. (Two calls before one backward would be correct too:
 DDP runs with broadcast_buffers=False and our SN reuses u, v until the weight changes.)
 """
 
