@@ -24,17 +24,25 @@ from __future__ import annotations
 
 import sys
 
-from sagan_fast.train import destroy_distributed, init_distributed, parse_config, train
+from sagan_fast.train import (ConfigError, DataError, destroy_distributed, init_distributed, parse_config,
+                              train)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as err:
+        print(f"train_ddp.py: error: {err}", file=sys.stderr)
+        return 2
     info = init_distributed(cfg.run.device)
     try:
         result = train(cfg, info)
         if info.is_main:
             print(f"done: step {result.step}, checkpoint {result.last_checkpoint}, "
                   f"samples {result.last_samples}", flush=True)
+    except (ConfigError, DataError, FileExistsError) as err:  # user errors: a message, not a traceback
+        print(f"train_ddp.py: error: {err}", file=sys.stderr)
+        return 2
     finally:
         destroy_distributed()
     return 0

@@ -314,3 +314,15 @@ def test_discriminator_on_a_concatenated_batch_equals_two_calls():
     separate = torch.cat([D(real, y_real), D(fake, y_fake)])
     # float32 convolutions over different batch sizes may sum in another order: ~1e-6 relative.
     torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_entry_point_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ddp", Path(__file__).resolve().parents[1] / "train_ddp.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.main(["--resolution", "48"]) == 2
+    assert "error: --resolution: must be one of" in capsys.readouterr().err
+    assert entry.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    assert "no such folder" in capsys.readouterr().err
