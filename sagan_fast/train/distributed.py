@@ -55,8 +55,31 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _per_attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _per_attempt_store(world_size: int):
+    """torchrun's agent store when torchrun shares it, under a prefix naming the restart attempt.
+
+    That store outlives worker restarts (--max-restarts), and torch's env:// rendezvous adds no
+    per-attempt prefix, so restarted gloo workers could read their dead peers' addresses and fail
+    ("connectFullMesh ... Connection refused": seen 2 times in 3 on torch 2.13 here). None when
+    not under a shared agent store (then rank 0 hosts a fresh store per attempt anyway).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"sagan_fast/attempt_{attempt}", store)
 
 
 def destroy_distributed() -> None:
