@@ -141,8 +141,10 @@ class OptimConfig:
 class RunConfig:
     """Length of the run, outputs, checkpoints, devices and distributed settings."""
 
-    steps: int = 4000
-    """Total generator steps (a resumed run continues up to this count)."""
+    steps: int = 2000
+    """Total generator steps (a resumed run continues up to this count). The default digits run
+    shows recognizable digits from about step 1000 and clear ones at 2000 (~0.5 s/step on one free
+    CPU core)."""
     out: str = "runs/sagan"
     """Run folder: checkpoints/, samples/, metrics.jsonl, TensorBoard events, config.json."""
     seed: int = 0
