@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, info)
         if info.is_main:
-            print(f"done: step {result.step}, checkpoint {result.last_checkpoint}, "
+            speed = f"{result.images_per_s:.1f} images/s, " if result.images_per_s is not None else ""
+            print(f"done: step {result.step}, {speed}checkpoint {result.last_checkpoint}, "
                   f"samples {result.last_samples}", flush=True)
     except (ConfigError, DataError, FileExistsError) as err:  # user errors: a message, not a traceback
         print(f"train_ddp.py: error: {err}", file=sys.stderr)

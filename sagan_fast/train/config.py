@@ -22,6 +22,7 @@ SN_IMPLS = ("sagan_fast", "torch", "none")
 ATTENTION_IMPLS = ("sagan_fast", "sdpa", "naive")
 BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
 INITS = ("ortho", "xavier")
+STEP_IMPLS = ("fast", "plain")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,10 @@ class OptimConfig:
     """Step from which the EMA averages; up to it the EMA copies G."""
     bf16: bool = False
     """Run forward passes under bfloat16 autocast (weights, optimizer and losses stay float32)."""
+    step_impl: str = "fast"
+    """Training step: 'fast' (sagan_fast.train.fast_step: channels_last, D once on real+fake, no
+    D weight gradients in the G step, no host sync per step, torch.compile on CUDA) or 'plain'
+    (loop.train_step, eager). Both do the same math."""
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d", "adam_eps"):
@@ -135,6 +140,7 @@ class OptimConfig:
         _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
+        _check(self.step_impl in STEP_IMPLS, "step_impl", f"must be one of {STEP_IMPLS}, got {self.step_impl!r}")
 
 
 @dataclass

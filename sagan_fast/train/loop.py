@@ -35,6 +35,7 @@ from .data import ShardedBatchSampler, build_dataset, infinite_batches, random_f
 from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, no_grad_sync,
                           wrap_ddp)
 from .ema import EMA
+from .fast_step import make_gan_step
 from .logging import RunLogger
 from .losses import hinge_loss_d, hinge_loss_g
 
@@ -239,6 +240,8 @@ class TrainResult:
     last_samples: Path | None
     resumed_from: Path | None
     skipped_images: int
+    images_per_s: float | None = None
+    """Training throughput (all processes) over the last log interval."""
 
 
 @dataclass
@@ -261,11 +264,18 @@ class DataSource:
     sampler: ShardedBatchSampler
     channels: int
     flip: bool
+    prepared: bool = False
+    """Batches are uint8 NHWC (PreparedDataset): scaled and flipped on the device."""
 
 
 def make_data(cfg: TrainConfig, info: DistInfo) -> DataSource:
     """Dataset (a folder is only listed here, not read), this rank's sampler and the loader."""
-    dataset = build_dataset(cfg.data.data, cfg.model.resolution)
+    # Imported here, not at the top: `python -m sagan_fast.train.prepared_data` must be its first import.
+    from .prepared_data import PreparedDataset, collate_prepared, is_prepared
+
+    prepared = is_prepared(cfg.data.data)  # a folder written by sagan_fast.train.prepared_data
+    dataset = PreparedDataset(cfg.data.data, cfg.model.resolution) if prepared else build_dataset(
+        cfg.data.data, cfg.model.resolution)
     n_classes = cfg.model.n_classes
     if n_classes > 0 and dataset.n_classes == 0:
         raise ConfigError(f"--n-classes {n_classes}: the data {cfg.data.data!r} has no class labels")
@@ -280,11 +290,12 @@ def make_data(cfg: TrainConfig, info: DistInfo) -> DataSource:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=info.device.type == "cuda",
         persistent_workers=workers > 0,
+        collate_fn=collate_prepared if prepared else None,  # PreparedDataset gathers whole batches
         # Its own generator: creating a loader iterator must not draw from the global one, or a
         # resumed run (which creates one mid-epoch) would diverge from an uninterrupted run.
         generator=torch.Generator().manual_seed(cfg.run.seed + info.rank))
     flip = cfg.data.flip if cfg.data.flip is not None else not is_digits
-    return DataSource(loader, sampler, dataset.channels, flip)
+    return DataSource(loader, sampler, dataset.channels, flip, prepared)
 
 
 def make_state(cfg: TrainConfig, info: DistInfo, data: DataSource) -> TrainState:
@@ -401,6 +412,10 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     else:
         seed_everything(per_rank_seed(cfg, info))
     fixed_z, fixed_y = _fixed_noise(cfg, device)
+    fast_step = None
+    if cfg.optim.step_impl == "fast":
+        fast_step = make_gan_step(G_ddp, D_ddp, state.opt_G, state.opt_D, precision="bf16" if cfg.optim.bf16 else "fp32",
+                                  d_steps=cfg.optim.d_steps, z_dim=cfg.model.z_dim, n_classes=cfg.model.n_classes)
 
     logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
     if info.is_main:
@@ -414,18 +429,26 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     def next_batch() -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels, skipped = next(data_iter)
         skipped_pending.append(skipped.sum())
-        images = images.to(device, non_blocking=True)
-        if data.flip:
-            images = random_flip(images)
+        if data.prepared:
+            from .prepared_data import to_training_batch
+            images = to_training_batch(images, device, flip=data.flip)
+        else:
+            images = images.to(device, non_blocking=True)
+            if data.flip:
+                images = random_flip(images)
         labels = labels.to(device, non_blocking=True) if cfg.model.n_classes > 0 else None
         return images, labels
 
     meter = ScalarMeter(device, state.step)
+    images_per_s = None
     last_ckpt = last_samples = None
     try:
         while state.step < cfg.run.steps:
-            stats = train_step(G_ddp, D_ddp, state.opt_G, state.opt_D, next_batch, z_dim=cfg.model.z_dim,
-                               n_classes=cfg.model.n_classes, d_steps=cfg.optim.d_steps, bf16=cfg.optim.bf16)
+            if fast_step is not None:
+                stats = StepStats(**fast_step(*_concat_batches([next_batch() for _ in range(cfg.optim.d_steps)])))
+            else:
+                stats = train_step(G_ddp, D_ddp, state.opt_G, state.opt_D, next_batch, z_dim=cfg.model.z_dim,
+                                   n_classes=cfg.model.n_classes, d_steps=cfg.optim.d_steps, bf16=cfg.optim.bf16)
             state.step += 1
             step = state.step
             state.ema.update(step)
@@ -438,6 +461,9 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                 skipped_pending.clear()
                 state.skipped_images += skipped_now
                 scalars = meter.read(step, cfg.data.batch_size * info.world_size)
+                images_per_s = scalars["images_per_s"]
+                if fast_step is not None:  # the SN sigma check the fast step skips (a sync is paid here anyway)
+                    fast_step.check_spectral_norms()
                 scalars["skipped_images"] = float(state.skipped_images)
                 if info.is_main:
                     for name, model in (("G", state.G), ("D", state.D)):
@@ -463,7 +489,16 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(step=state.step, out=out, last_checkpoint=last_ckpt, last_samples=last_samples,
-                       resumed_from=resumed_from, skipped_images=state.skipped_images)
+                       resumed_from=resumed_from, skipped_images=state.skipped_images, images_per_s=images_per_s)
+
+
+def _concat_batches(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The d_steps real batches as one (the fast step splits it again, one part per D step)."""
+    if len(batches) == 1:
+        return batches[0]
+    labels = [y for _, y in batches]
+    return torch.cat([x for x, _ in batches]), (torch.cat(labels) if labels[0] is not None else None)
 
 
 def _fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
