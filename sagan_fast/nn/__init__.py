@@ -1,11 +1,14 @@
 """Drop-in layers for any GAN: spectral norm, SN layers, self-attention, conditional BN."""
 
 from .spectral_norm import (SpectralNorm, SpectralNormError, check_spectral_norms, fuse_spectral_norms,
-                            set_check_finite, spectral_norm, spectral_norm_layers, update_spectral_norms)
+                            load_spectral_norm_state, mark_weights_changed, set_check_finite, spectral_norm,
+                            spectral_norm_layers, spectral_norm_sigmas, spectral_norm_state,
+                            update_spectral_norms)
 
 __all__ = [
     "SpectralNorm", "SpectralNormError", "check_spectral_norms", "fuse_spectral_norms",
-    "set_check_finite", "spectral_norm", "spectral_norm_layers", "update_spectral_norms",
+    "load_spectral_norm_state", "mark_weights_changed", "set_check_finite", "spectral_norm",
+    "spectral_norm_layers", "spectral_norm_sigmas", "spectral_norm_state", "update_spectral_norms",
 ]
 
 from .attention import SelfAttention2d  # noqa: E402

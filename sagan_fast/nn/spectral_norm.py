@@ -322,6 +322,70 @@ def fuse_spectral_norms(model: nn.Module, *, normalize_all: bool = True) -> nn.M
     return model
 
 
+# --- public state: what checkpoints, training steps and benchmarks read or restore -------------
+
+def _layers_by_name(model: nn.Module):
+    """(qualified name of the parametrization, SpectralNorm, raw weight) for our SN layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralNorm) and hasattr(module, "_u"):
+            plist = model.get_submodule(name.rsplit(".", 1)[0])
+            yield name, module, plist.original
+
+
+def spectral_norm_state(model: nn.Module) -> dict[str, dict]:
+    """What the module state dict does not hold, per SN layer of ours (keyed by its module name):
+    the last sigma and whether u, v are up to date for the current weight.
+
+    Restoring both with :func:`load_spectral_norm_state` makes a resumed run do exactly the power
+    iterations the uninterrupted run does (none extra after loading), so resuming is bit-exact.
+    """
+    return {name: {"sigma": sn._sigma.detach().clone(), "fresh": not sn.is_stale(weight)}
+            for name, sn, weight in _layers_by_name(model)}
+
+
+def load_spectral_norm_state(model: nn.Module, state: dict[str, dict]) -> None:
+    """Restore :func:`spectral_norm_state`; call after ``model.load_state_dict`` (which wrote the
+    weights, so every layer looks changed). A layer missing from ``state`` is a ``KeyError``."""
+    for name, sn, weight in _layers_by_name(model):
+        if name not in state:
+            raise KeyError(f"checkpoint has no spectral norm state for {name!r}")
+        with torch.no_grad():
+            sn._sigma.copy_(state[name]["sigma"])
+        if state[name]["fresh"]:
+            sn.mark_fresh(weight)
+        else:
+            object.__setattr__(sn, "_seen_version", -1)
+
+
+def mark_weights_changed(models: nn.Module | Iterable[nn.Module]) -> int:
+    """Declare that the SN weights of ``models`` (a model or several, searched recursively) changed
+    in a way autograd cannot see (a write through ``.data``, from C++, from another process, a CUDA
+    graph replay): the next training-mode forward of each runs its power iteration. Returns how many
+    layers were marked."""
+    count = 0
+    for model in ([models] if isinstance(models, nn.Module) else list(models)):
+        for sn, _ in spectral_norm_layers(model):
+            object.__setattr__(sn, "_seen_version", -1)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def spectral_norm_sigmas(model: nn.Module) -> torch.Tensor:
+    """sigma = u . W v of every spectrally normalized weight of ``model`` from its stored u, v
+    (ours or torch's parametrization), float32, in module order; empty when there is none."""
+    sigmas = []
+    for m in model.modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for plist in m.parametrizations.values():
+            sn = plist[0]
+            if hasattr(sn, "_u") and hasattr(sn, "_v") and plist.original.ndim > 1:
+                sigmas.append(spectral_norm_sigma(plist.original.detach(), sn._u, sn._v,
+                                                  getattr(sn, "dim", 0)).float().reshape(()))
+    return torch.stack(sigmas) if sigmas else torch.zeros(0)
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
                   eps: float = 1e-12, dim: int | None = None, *, backend: str | None = None) -> nn.Module:
     """Spectral normalization of ``module.<name>``: torch's signature and state-dict keys.

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, last-K retention, safe loading, RNG and spectral-norm state.
+"""Checkpoints: atomic writes, last-K retention, safe loading, RNG state.
 
 A checkpoint is a dict of tensors and plain Python values only, loaded with
 ``torch.load(weights_only=True)``: a file from elsewhere cannot run code. RNG states are stored as
@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils import parametrize
 
-from ..nn.spectral_norm import SpectralNorm
+# SN state that the module state dict does not hold: owned by sagan_fast.nn.spectral_norm.
+from ..nn.spectral_norm import load_spectral_norm_state, spectral_norm_state  # noqa: F401
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -101,38 +100,3 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# --- spectral norm state that the module state dict does not hold ----------------------------------
-
-def spectral_norm_state(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per SN layer of ours: its current sigma (a non-persistent buffer) and whether u, v are up to
-    date for the current weight. Restoring both makes a resumed run do exactly the power iterations
-    the uninterrupted run does (no extra one after loading), so resuming is bit-exact."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SpectralNorm) and hasattr(module, "_u"):
-            weight = _sn_weight(model, name)
-            out[name] = {"sigma": module._sigma.detach().clone(), "fresh": not module.is_stale(weight)}
-    return out
-
-
-def load_spectral_norm_state(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
-    """Call after ``model.load_state_dict`` (which changed the weights, so every layer looks stale)."""
-    for name, module in model.named_modules():
-        if isinstance(module, SpectralNorm) and hasattr(module, "_u"):
-            if name not in state:
-                raise KeyError(f"checkpoint has no spectral norm state for {name!r}")
-            with torch.no_grad():
-                module._sigma.copy_(state[name]["sigma"])
-            if state[name]["fresh"]:
-                module.mark_fresh(_sn_weight(model, name))
-            else:
-                module._seen_version = -1
-
-
-def _sn_weight(model: nn.Module, sn_name: str) -> torch.Tensor:
-    """'a.parametrizations.weight.0' -> the raw parameter 'a.parametrizations.weight.original'."""
-    plist = model.get_submodule(sn_name.rsplit(".", 1)[0])
-    assert isinstance(plist, parametrize.ParametrizationList)
-    return plist.original

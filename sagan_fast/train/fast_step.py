@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..nn.spectral_norm import check_spectral_norms, set_check_finite, spectral_norm_layers
+from ..nn.spectral_norm import check_spectral_norms, mark_weights_changed, set_check_finite
 from .distributed import unwrap
 from .losses import hinge_loss_d, hinge_loss_g
 
@@ -256,9 +256,7 @@ class GANStep:
         self._graph.replay()
         # Replays move weights without bumping their version counters: make any later eager
         # training-mode forward re-run its power iteration instead of trusting a stale sigma.
-        for model in (self.G_raw, self.D_raw):
-            for sn, _ in spectral_norm_layers(model):
-                sn._seen_version = -1
+        mark_weights_changed([self.G_raw, self.D_raw])
         return self._static["stats"].clone()
 
     def check_spectral_norms(self) -> None:

@@ -26,9 +26,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ..ops import reference
+from ..nn.spectral_norm import spectral_norm_sigmas
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import ShardedBatchSampler, build_dataset, infinite_batches, random_flip
@@ -170,20 +169,6 @@ def attention_gammas(prefix: str, model: nn.Module) -> dict[str, float]:
     """The scalar gamma of every self-attention layer (ours or a baseline: any module with one)."""
     return {f"gamma/{prefix}.{name}": float(m.gamma.detach()) for name, m in model.named_modules()
             if isinstance(getattr(m, "gamma", None), nn.Parameter) and m.gamma.ndim == 0}
-
-
-@torch.no_grad()
-def spectral_norm_sigmas(model: nn.Module) -> torch.Tensor:
-    """sigma = u . W v of every spectrally normalized weight (ours or torch's), from the stored u, v."""
-    sigmas = []
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            for plist in m.parametrizations.values():
-                sn = plist[0]
-                if hasattr(sn, "_u") and hasattr(sn, "_v") and plist.original.ndim > 1:
-                    w = reference.weight_to_matrix(plist.original.detach(), sn.dim)
-                    sigmas.append(torch.vdot(sn._u.to(w.dtype), torch.mv(w, sn._v.to(w.dtype))).float())
-    return torch.stack(sigmas) if sigmas else torch.zeros(0)
 
 
 def sigma_stats(prefix: str, model: nn.Module) -> dict[str, float]:
