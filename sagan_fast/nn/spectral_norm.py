@@ -386,6 +386,45 @@ def spectral_norm_sigmas(model: nn.Module) -> torch.Tensor:
     return torch.stack(sigmas) if sigmas else torch.zeros(0)
 
 
+@torch.no_grad()
+def normalized_sigmas(model: nn.Module) -> dict[str, float]:
+    """The exact largest singular value of W / (u . W v) for every spectrally normalized weight of
+    ``model`` (ours or torch's parametrization), from the stored u, v, without updating them.
+
+    ~1 when spectral norm really normalized the weight the next forward uses; far from 1 when
+    the power iteration was skipped after the weight changed. Keyed by the parametrized module's
+    name. An SVD per layer: for checks at the end of a run or a benchmark, not for every step.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for pname, plist in m.parametrizations.items():
+            sn = plist[0]
+            if not (hasattr(sn, "_u") and hasattr(sn, "_v") and plist.original.ndim > 1):
+                continue
+            mat = reference.weight_to_matrix(plist.original.detach(), getattr(sn, "dim", 0))
+            dtype = torch.promote_types(mat.dtype, torch.float64)
+            mat = mat.to(dtype)
+            sigma = reference.spectral_norm_sigma(mat, sn._u.to(dtype), sn._v.to(dtype))
+            key = f"{name}.{pname}" if name else pname
+            out[key] = float(torch.linalg.matrix_norm(mat / sigma, ord=2).abs().cpu())
+    return out
+
+
+def assert_normalized(models: nn.Module | Iterable[nn.Module], tol: float = 0.02) -> None:
+    """Raise :class:`SpectralNormError` unless every SN weight's :func:`normalized_sigmas` is within
+    ``tol`` (relative) of 1: what every benchmark checks after timing a training step."""
+    bad = {}
+    for i, model in enumerate([models] if isinstance(models, nn.Module) else list(models)):
+        for name, s in normalized_sigmas(model).items():
+            if not abs(s - 1.0) <= tol:
+                bad[f"model{i}:{name}"] = round(s, 4)
+    if bad:
+        raise SpectralNormError(f"spectral norm did not normalize {len(bad)} weight(s) (largest singular "
+                                f"value of W_sn, expected 1 +- {tol}): {bad}")
+
+
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
                   eps: float = 1e-12, dim: int | None = None, *, backend: str | None = None) -> nn.Module:
     """Spectral normalization of ``module.<name>``: torch's signature and state-dict keys.
