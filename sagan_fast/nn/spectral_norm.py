@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import reference
+from ..ops._backend import accumulation_dtype
 from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_normalize_multi,
                                  spectral_norm_power_iteration_, spectral_norm_sigma)
 
@@ -109,7 +110,7 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_v", v)
             # sigma = u . W v for the version in _seen_version; not in the state dict (torch has none).
             self.register_buffer("_sigma", torch.ones((), device=weight.device,
-                                                       dtype=torch.promote_types(weight.dtype, torch.float32)),
+                                                       dtype=accumulation_dtype(weight.dtype)),
                                  persistent=False)
 
     def extra_repr(self) -> str:

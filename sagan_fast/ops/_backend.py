@@ -24,6 +24,12 @@ ENV_VAR = "SAGAN_FAST_BACKEND"
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every backend accumulates in and returns statistics (sigma, logsumexp) as: float32 for
+    16- and 32-bit inputs, float64 for float64 (complex stays complex, at least complex64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was forced (argument or ``SAGAN_FAST_BACKEND``) that cannot run these inputs."""
 

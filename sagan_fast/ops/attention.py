@@ -2,16 +2,17 @@
 
 ``sagan_attention(q, k, v, scale=1.0)``: q (B, N, E), k (B, Nk, E), v (B, Nk, Ev) -> (B, N, Ev),
 softmax over the keys, no 1/sqrt(E) unless ``scale`` says so. E != Ev is allowed (SAGAN: E = C/8,
-Ev = C or C/2). Each backend module (``sagan_fast.ops.triton.attention``, ``sagan_fast.ops.cuda``)
-provides ``sagan_attention(q, k, v, scale)``, differentiable in q, k and v.
+Ev = C or C/2). Each backend module (``reference_backend``, ``triton.attention``, ``cuda``; see
+:func:`sagan_fast.ops.backend_modules.backend_module`) provides ``sagan_attention(q, k, v, scale)``,
+differentiable in q, k and v.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
 from ._backend import resolve_backend
+from .backend_modules import backend_module
 
 OP_ATTENTION = "sagan_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,21 +47,9 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
                          f"v {tuple(v.shape)}")
 
 
-def _backend_module(name: str):
-    if name == "triton":
-        from .triton import attention as module
-    elif name == "cuda":
-        from . import cuda as module
-    else:
-        raise ValueError(name)
-    return module
-
-
 def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
                     backend: str | None = None) -> torch.Tensor:
     """softmax(scale * q k^T) v over keys; (B, N, E), (B, Nk, E), (B, Nk, Ev) -> (B, N, Ev)."""
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v)   # the one generic check; each backend checks only its own limits
     name = resolve_backend(backend, q, k, v, op=OP_ATTENTION)
-    if name == "reference":
-        return reference.sagan_attention(q, k, v, scale=scale)
-    return _backend_module(name).sagan_attention(q, k, v, float(scale))
+    return backend_module(name, "attention").sagan_attention(q, k, v, float(scale))

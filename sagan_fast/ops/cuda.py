@@ -25,12 +25,9 @@ except ImportError as exc:  # pragma: no cover - the dispatcher checks availabil
     raise ImportError("sagan_fast.ops.cuda needs the compiled extension sagan_fast._C; build it with "
                       "`pip install -e . --no-build-isolation`") from exc
 
+from ._backend import accumulation_dtype as _acc_dtype
+
 _ops = torch.ops.sagan_fast
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the kernels accumulate in and return sigmas / logsumexp as."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Two ops, split where the math splits:
 - :func:`spectral_norm_normalize` is ``W / sigma`` for one weight, differentiable in W with u and v
   constant: ``dW = (G - <G, W_sn> u v^T) / sigma``.
 
-Each backend module (``sagan_fast.ops.triton.spectral_norm``, ``sagan_fast.ops.cuda``) provides
+Each backend module (``reference_backend``, ``triton.spectral_norm``, ``cuda``; see
+:func:`sagan_fast.ops.backend_modules.backend_module`) provides
 ``power_iteration_(weights, us, vs, dims, n_power_iterations, eps)`` and
 ``normalize(weight, u, v, sigma, dim)`` with these exact semantics.
 """
@@ -19,7 +20,8 @@ from typing import Sequence
 import torch
 
 from . import reference
-from ._backend import resolve_backend
+from ._backend import accumulation_dtype, resolve_backend
+from .backend_modules import backend_module
 
 OP_POWER_ITERATION = "spectral_norm_power_iteration"
 OP_NORMALIZE = "spectral_norm_normalize"
@@ -56,21 +58,6 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
     return dim
 
 
-def _sigma_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Sigmas are reduced in float32 at least (float64 for float64 weights)."""
-    return torch.promote_types(weight.dtype, torch.float32)
-
-
-def _backend_module(name: str):
-    if name == "triton":
-        from .triton import spectral_norm as module
-    elif name == "cuda":
-        from . import cuda as module
-    else:
-        raise ValueError(name)
-    return module
-
-
 @torch.no_grad()
 def spectral_norm_power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
                                    vs: Sequence[torch.Tensor], dims: Sequence[int], *,
@@ -93,16 +80,8 @@ def spectral_norm_power_iteration_(weights: Sequence[torch.Tensor], us: Sequence
     dims = [check_spectral_norm_inputs(w, u, v, d, "spectral_norm_power_iteration_")
             for w, u, v, d in zip(weights, us, vs, dims)]
     name = resolve_backend(backend, *weights, *us, *vs, op=OP_POWER_ITERATION)
-    if name == "reference":
-        sigmas = []
-        for w, u, v, d in zip(weights, us, vs, dims):
-            mat = reference.weight_to_matrix(w, d)
-            new_u, new_v = reference.spectral_norm_power_iteration(mat, u, v, n_power_iterations, eps)
-            u.copy_(new_u)
-            v.copy_(new_v)
-            sigmas.append(reference.spectral_norm_sigma(mat, u, v).to(_sigma_dtype(w)))
-        return torch.stack(sigmas)
-    return _backend_module(name).power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
+    module = backend_module(name, "spectral_norm")
+    return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
 
 def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -114,10 +93,7 @@ def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     """
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_normalize")
     name = resolve_backend(backend, weight, u, v, op=OP_NORMALIZE)
-    if name == "reference":
-        mat = reference.weight_to_matrix(weight, dim)
-        return weight / reference.spectral_norm_sigma(mat, u.to(weight.dtype), v.to(weight.dtype))
-    return _backend_module(name).normalize(weight, u, v, sigma, dim)
+    return backend_module(name, "spectral_norm").normalize(weight, u, v, sigma, dim)
 
 
 def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
@@ -138,7 +114,7 @@ def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[
             for w, u, v, d in zip(weights, us, vs, dims)]
     name = resolve_backend(backend, *weights, *us, *vs, op=OP_NORMALIZE)
     if name == "triton" and all(w.is_contiguous() for w in weights):
-        return _backend_module(name).normalize_multi(weights, us, vs, sigmas, dims)
+        return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, sigmas, dims)
     return [spectral_norm_normalize(w, u, v, s, dim=d, backend=name)
             for w, u, v, s, d in zip(weights, us, vs, sigmas, dims)]
 
@@ -148,5 +124,5 @@ def spectral_norm_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     """sigma = u . W v from stored u, v (eval mode), as a float32 scalar tensor."""
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_sigma")
     mat = reference.weight_to_matrix(weight, dim)
-    dtype = _sigma_dtype(weight)
+    dtype = accumulation_dtype(weight.dtype)
     return reference.spectral_norm_sigma(mat.to(dtype), u.to(dtype), v.to(dtype))

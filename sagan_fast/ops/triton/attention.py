@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreter_enabled
+from .._backend import accumulation_dtype, triton_interpreter_enabled
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -469,13 +469,9 @@ def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, inte
     kernel[grid(config)](*args, **kwargs, **config)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulators, logsumexp and delta: fp32, fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton type of :func:`accumulation_dtype` (accumulators, logsumexp, delta)."""
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -502,10 +498,9 @@ def _input_precision(dtype: torch.dtype, fp32_precision: str) -> str:
 # Host wrappers
 # ------------------------------------------------------------------------------------------------
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """What this backend needs beyond sagan_fast.ops.attention.check_attention_inputs."""
-    from ..attention import check_attention_inputs
-    check_attention_inputs(q, k, v)
+def check_backend_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What this backend needs beyond the generic checks of the public entry
+    (:func:`sagan_fast.ops.attention.check_attention_inputs`, run there once per call)."""
     dev = q.device
     if dev.type != "cuda" and not (dev.type == "cpu" and triton_interpreter_enabled()):
         raise ValueError(f"triton sagan_attention: tensors must be on a CUDA device (or on the CPU with "
@@ -565,7 +560,7 @@ def _use_fused_dkdv(q, k, v, fp32_precision: str, interpreted: bool) -> bool:
 
 
 def _interpreted(t: torch.Tensor) -> bool:
-    """CPU tensors run in the interpreter (check_inputs refused them otherwise): small fixed tiles."""
+    """CPU tensors run in the interpreter (check_backend_limits refused them otherwise): small fixed tiles."""
     return t.device.type == "cpu"
 
 
@@ -577,7 +572,7 @@ def _forward(q, k, v, scale: float, fp32_precision: str):
     B, N, E = q.shape
     Nk, Ev = k.shape[1], v.shape[2]
     out = _empty_out(q, v)
-    lse = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, N), dtype=accumulation_dtype(q.dtype), device=q.device)
     interpreted = _interpreted(q)
     block_e = _tiles(E, Ev, q.dtype, interpreted)["BLOCK_E"]
 
@@ -603,7 +598,7 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
     fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
                  ACC=_acc(q.dtype))
     qk_scale_log2 = float(scale) * LOG2E
-    delta = torch.empty((B, N), dtype=_stats_dtype(q.dtype), device=q.device)
+    delta = torch.empty((B, N), dtype=accumulation_dtype(q.dtype), device=q.device)
     dq, dk, dv = _empty_grads(q, k, v)
 
     def key_blocks(c):
@@ -668,13 +663,12 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, N, Ev) in v's layout, lse (B, N): base-2 logsumexp of scale * q k^T, fp32 (fp64 for fp64))."""
-    check_inputs(q, k, v)
     return _forward(q, k, v, scale, fp32_precision)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, scale, fp32_precision):
-    return _empty_out(q, v), q.new_empty((q.shape[0], q.shape[1]), dtype=_stats_dtype(q.dtype))
+    return _empty_out(q, v), q.new_empty((q.shape[0], q.shape[1]), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("sagan_fast_triton::attention_bwd", mutates_args=())
@@ -720,7 +714,7 @@ def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     inputs only): see the module docstring; None follows torch's allow_tf32 flag, then
     SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee".
     """
-    check_inputs(q, k, v)
+    check_backend_limits(q, k, v)
     out, _ = attention_fwd(q, k, v, float(scale), resolve_fp32_precision(fp32_precision))
     return out
 
@@ -731,6 +725,6 @@ def sagan_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     What the forward stores for the backward (in base 2), for tests and debugging.
     """
-    check_inputs(q, k, v)
+    check_backend_limits(q, k, v)
     out, lse2 = attention_fwd(q, k, v, float(scale), resolve_fp32_precision(fp32_precision))
     return out, lse2 * LN2

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import accumulation_dtype as _acc_dtype
+
 __all__ = ["power_iteration_", "normalize", "normalize_backward", "normalize_multi"]
 
 # Work per program in the power iteration (elements of W). Big enough to amortize the per-program
@@ -49,10 +51,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 # Columns of the per-weight int32 table `meta`.
 _M_B, _M_C, _M_K, _M_NCS, _M_NRS, _M_TOFF, _M_SOFF, _M_KCHUNK, _M_RCHUNK = range(9)
 _META_COLS = 9
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
