@@ -35,12 +35,21 @@ class GeneratorCheckpoint:
     image_channels: int
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torch.load's run to a page): its first line, and the
+    next one too when the first only introduces it ("Error(s) in loading state_dict for X:")."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {text[:limit]}"
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file as is; a run folder -> its newest ``checkpoints/step_*.pt`` (a folder of
     checkpoints works too). FileNotFoundError naming the path when there is none."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist (expected a run folder or a checkpoint .pt file)")
+        raise FileNotFoundError(f"{str(path)!r} does not exist (expected a run folder or a checkpoint "
+                                ".pt file)")
     if path.is_file():
         return path
     for folder in (path / CHECKPOINT_DIR, path):
@@ -48,7 +57,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                        if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_file())
         if found:
             return found[-1][1]
-    raise FileNotFoundError(f"{str(path)!r} holds no checkpoint (a run folder has {CHECKPOINT_DIR}/step_XXXXXXXX.pt)")
+    raise FileNotFoundError(f"{str(path)!r} holds no checkpoint (a run folder has "
+                            f"{CHECKPOINT_DIR}/step_XXXXXXXX.pt)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,9 +67,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt file, another format, a pickle with code: all "not ours"
-        text = str(err).strip().splitlines()
         raise ValueError(f"{str(path)!r} is not a readable sagan_fast checkpoint "
-                         f"({type(err).__name__}: {text[0] if text else ''})") from None
+                         f"({first_line(err)})") from None
     if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT
             or not isinstance(state.get("G_ema"), dict) or not isinstance(state.get("config"), dict)
             or not isinstance(state["config"].get("model"), dict)):
@@ -100,9 +109,8 @@ def load_generator_with_info(path: str | os.PathLike, device: str | torch.device
         G = _build_generator(state["config"]["model"], channels)
         G.load_state_dict(g_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        text = str(err).strip().splitlines()
         raise ValueError(f"{str(ckpt_path)!r}: cannot build its generator from the saved config "
-                         f"({type(err).__name__}: {text[0] if text else ''})") from None
+                         f"({first_line(err)})") from None
     G = G.to(device).eval().requires_grad_(False)
     info = GeneratorCheckpoint(path=ckpt_path, step=int(state.get("step", 0)), config=state["config"],
                                image_channels=channels)
@@ -146,7 +154,8 @@ def balanced_labels(n: int, n_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+def generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None,
+             batch_size: int = 256) -> torch.Tensor:
     """G(z, y) in batches, in eval mode (restored after), on G's device; the images on the CPU."""
     if G.n_classes > 0 and y is None:
         raise ValueError(f"this generator is class-conditional (n_classes={G.n_classes}): give labels y")

@@ -98,14 +98,16 @@ def output_kind(out: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", metavar="RUN_OR_CKPT", help="A run folder (its newest checkpoint) or a checkpoint .pt file.")
+    p.add_argument("path", metavar="RUN_OR_CKPT",
+                   help="A run folder (its newest checkpoint) or a checkpoint .pt file.")
     p.add_argument("--n", type=int, default=64, help="Samples (with --interpolate: frames of the walk).")
     p.add_argument("--out", default="samples.png",
                    help="Image file (a grid), folder ending in / (one PNG per sample) or .npz file.")
     p.add_argument("--class", dest="cls", type=int, default=None, metavar="K",
                    help="Class to draw (class-conditional generators only); default: every class.")
     p.add_argument("--truncation", type=float, default=None, metavar="T",
-                   help="Truncated normal z in [-T, T] (smaller: more typical, less varied); default: plain normal.")
+                   help="Truncated normal z in [-T, T] (smaller: more typical, less varied); "
+                        "default: plain normal.")
     p.add_argument("--seed", type=int, default=0, help="Seed of z.")
     p.add_argument("--interpolate", action="store_true",
                    help="A latent walk: --n frames between two random z (spherical interpolation).")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(run(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, a missing or unwritable path: one line
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0

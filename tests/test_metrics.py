@@ -26,14 +26,15 @@ def _torch_fidelity_imports() -> bool:
     return True
 
 
-requires_torch_fidelity = pytest.mark.skipif(not _torch_fidelity_imports(),
-                                             reason="torch-fidelity (with a working torchvision) not installed")
+requires_torch_fidelity = pytest.mark.skipif(
+    not _torch_fidelity_imports(), reason="torch-fidelity (with a working torchvision) not installed")
 
 
 # --- FID / KID / IS on known distributions ----------------------------------------------------------
 
 def _rotation(d: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return q
 
 
@@ -305,7 +306,7 @@ def _random_inception_weights(path):
 def test_inception_path_runs_end_to_end_on_a_weights_file_of_the_real_layout(tmp_path):
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     _random_inception_weights(weights)
-    images, labels = real_digits(32)
+    images = real_digits(32)[0]
     ev = Evaluator(images[:16], [DigitsFeatures(), InceptionFeatures(weights)], n_samples=16)
     scores = ev(NoiseGenerator())
     for key in ("inception/fid", "inception/kid", "inception/is", "digits/fid"):

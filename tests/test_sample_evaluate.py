@@ -27,9 +27,9 @@ def _one_thread():
 
 
 def _tiny_run(out: Path, *flags: str) -> Path:
-    train(parse_config(["--steps", "2", "--ch", "4", "--z-dim", "16", "--batch-size", "4", "--ckpt-every", "1",
-                        "--keep-ckpts", "2", "--sample-every", "2", "--n-samples", "4", "--log-every", "1",
-                        "--no-progress", "--out", str(out), *flags]))
+    train(parse_config(["--steps", "2", "--ch", "4", "--z-dim", "16", "--batch-size", "4",
+                        "--ckpt-every", "1", "--keep-ckpts", "2", "--sample-every", "2", "--n-samples", "4",
+                        "--log-every", "1", "--no-progress", "--out", str(out), *flags]))
     return out
 
 
@@ -133,7 +133,8 @@ def test_sample_separate_pngs_npz_and_interpolation(cond_run, tmp_path, capsys):
     with Image.open(tmp_path / "walk.png") as img:
         assert img.size == (5 * 34 + 2, 10 * 34 + 2)  # one strip per class
     walk = sample.slerp(torch.ones(4), -torch.ones(4) + 0.1, 7)
-    assert torch.allclose(walk[0], torch.ones(4)) and torch.allclose(walk[-1], -torch.ones(4) + 0.1, atol=1e-5)
+    assert torch.allclose(walk[0], torch.ones(4))
+    assert torch.allclose(walk[-1], -torch.ones(4) + 0.1, atol=1e-5)
     assert "wrote" in capsys.readouterr().out
 
 
@@ -172,17 +173,19 @@ def test_sample_rejects_bad_flags_before_loading(uncond_run, tmp_path, capsys):
 
 def test_evaluate_cli_prints_and_writes_scores(uncond_run, tmp_path):
     out = tmp_path / "scores.json"
-    r = _cli("sagan_fast.evaluate", str(uncond_run), "--n", "64", "--json", str(out))
+    r = _cli("sagan_fast.evaluate", str(uncond_run), "--n", "64", "--json", str(out), "--kid-subsets", "10")
     assert r.returncode == 0, r.stderr
     assert "digits/fid" in r.stdout and "real data" in r.stdout
     result = json.loads(out.read_text())
     assert result["step"] == 2 and result["n_samples"] == 64 and result["n_real"] == 1797
-    assert set(result["scores"]) == {"digits/fid", "digits/kid", "digits/is", "digits/coverage", "digits/confident"}
+    assert result["kid_subsets"] == 10
+    assert set(result["scores"]) == {"digits/fid", "digits/kid", "digits/is", "digits/coverage",
+                                     "digits/confident"}
     assert result["reference"]["digits/fid"] < result["scores"]["digits/fid"]  # 2 steps: far from real
 
 
 def test_evaluate_conditional_run_scores_accuracy_and_writes_beside_the_run(cond_run, capsys):
-    assert evaluate.main([str(cond_run), "--n", "40"]) == 0
+    assert evaluate.main([str(cond_run), "--n", "40", "--kid-subsets", "10"]) == 0
     result = json.loads((cond_run / "evaluation_step_00000002.json").read_text())
     assert 0.0 <= result["scores"]["digits/accuracy"] <= 1.0
     assert "digits/accuracy" in capsys.readouterr().out
@@ -205,3 +208,14 @@ def test_evaluate_bad_flags_and_missing_inception_weights(uncond_run, tmp_path, 
     err = capsys.readouterr().err
     assert "w.pth" in err and "never downloads" in err
     assert evaluate.main([str(uncond_run), "--data", str(tmp_path / "no-folder")]) == 2
+
+
+def test_readme_loading_example_runs(uncond_run):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "load_generator" in b)
+    namespace: dict = {}
+    code = block.replace('"runs/digits"', repr(str(uncond_run)))
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    assert namespace["images"].shape == (16, 1, 32, 32)

@@ -14,8 +14,8 @@ from .digits import (CLASSIFIER_RESOLUTION, WEIGHTS_PATH, DigitsClassifier, Digi
                      load_digits_classifier, real_digits)
 from .evaluator import Evaluator, format_scores
 from .inception import InceptionFeatures, MissingDependencyError, load_inception_state_dict
-from .scores import (CONFIDENCE_THRESHOLD, class_accuracy, class_coverage, confident_fraction, frechet_distance,
-                     inception_score, kernel_distance)
+from .scores import (CONFIDENCE_THRESHOLD, class_accuracy, class_coverage, confident_fraction,
+                     frechet_distance, inception_score, kernel_distance)
 
 __all__ = ["CLASSIFIER_RESOLUTION", "CONFIDENCE_THRESHOLD", "DigitsClassifier", "DigitsFeatures", "Evaluator",
            "InceptionFeatures", "MissingDependencyError", "WEIGHTS_PATH", "class_accuracy", "class_coverage",

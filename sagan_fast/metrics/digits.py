@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inference import first_line
+
 CLASSIFIER_RESOLUTION = 16
 N_CLASSES = 10
 FEATURE_DIM = 128
@@ -67,7 +69,8 @@ class DigitsClassifier(nn.Module):
 def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) images in [-1, 1], C 1 or 3, any H = W -> (B, 1, 16, 16) float32 in [-1, 1]."""
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
-        raise ValueError(f"digits classifier: expected square (B, 1 or 3, H, H) images, got {tuple(images.shape)}")
+        raise ValueError(f"digits classifier: expected square (B, 1 or 3, H, H) images, "
+                         f"got {tuple(images.shape)}")
     x = images.float()
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
@@ -118,7 +121,8 @@ def load_weights_file(path: str | Path) -> dict:
     return saved
 
 
-def load_digits_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> DigitsClassifier:
+def load_digits_classifier(path: str | Path | None = None,
+                           device: str | torch.device = "cpu") -> DigitsClassifier:
     """The shipped classifier (or the file at ``path``), in eval mode, on ``device``.
 
     The attribute ``info`` holds what the training script recorded (held-out accuracy, split, ...).
@@ -129,15 +133,9 @@ def load_digits_classifier(path: str | Path | None = None, device: str | torch.d
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"digits classifier weights {str(path or WEIGHTS_PATH)!r} do not fit "
-                         f"DigitsClassifier: {err}") from None
+                         f"DigitsClassifier: {first_line(err)}") from None
     model.info = dict(saved.get("info", {}))
     return model.to(device).eval().requires_grad_(False)
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (torch.load's run to a page)."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -158,7 +156,8 @@ def classify(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 10
         feats.append(f.double().cpu())
         logits.append(lg.double().cpu())
     if not feats:
-        return torch.zeros(0, FEATURE_DIM, dtype=torch.float64), torch.zeros(0, N_CLASSES, dtype=torch.float64)
+        empty = torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
+        return empty, torch.zeros(0, N_CLASSES, dtype=torch.float64)
     return torch.cat(feats), torch.cat(logits)
 
 

@@ -13,7 +13,8 @@ that evaluates stays bit-identical to one that does not.
 
 Scores (``<extractor>/<score>``; lower is better for fid and kid, higher for the rest):
 
-- ``fid``, ``kid``: Frechet and kernel distance of the fakes' features to all real images'.
+- ``fid``, ``kid``: Frechet and kernel distance of the fakes' features to all real images' (KID:
+  ``kid_subsets`` random subsets, 10 by default here, 100 in ``python -m sagan_fast.evaluate``).
 - ``is``: Inception Score from the extractor's logits (digits: at most 10).
 - digits only: ``coverage`` (entropy of the predicted-digit histogram / log 10: 1 = all ten digits
   equally often), ``confident`` (fraction recognized with >= 90% probability), and for a
@@ -47,8 +48,9 @@ class FeatureExtractor(Protocol):
 class _Judge:
     """One extractor with its real side: cached real features, FID/KID metrics, reference values."""
 
-    def __init__(self, extractor: FeatureExtractor, real_images: torch.Tensor, real_labels: torch.Tensor | None,
-                 reference_indices: torch.Tensor | None, seed: int, kid_subsets: int) -> None:
+    def __init__(self, extractor: FeatureExtractor, real_images: torch.Tensor,
+                 real_labels: torch.Tensor | None, reference_indices: torch.Tensor | None, seed: int,
+                 kid_subsets: int) -> None:
         self.extractor, self.seed, self.kid_subsets = extractor, seed, kid_subsets
         self.real_features, self.real_logits = extractor(real_images)
         self.fid = S.FrechetDistance(self.real_features)
@@ -59,7 +61,8 @@ class _Judge:
         n = len(self.real_features)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         half_a, half_b = self.real_features[perm[:n // 2]], self.real_features[perm[n // 2:]]
-        ref = {"fid": S.frechet_distance(half_b, half_a), "kid": S.kernel_distance(half_b, half_a, subsets=self.kid_subsets, seed=self.seed)[0]}
+        ref = {"fid": S.frechet_distance(half_b, half_a),
+               "kid": S.kernel_distance(half_b, half_a, subsets=self.kid_subsets, seed=self.seed)[0]}
         if self.real_logits is not None:
             idx = indices if indices is not None else torch.arange(n)
             ref.update(self._class_scores(self.real_logits[idx], None if labels is None else labels[idx]))
@@ -93,7 +96,7 @@ class Evaluator:
     def __init__(self, real_images: torch.Tensor, extractors: Sequence[FeatureExtractor], *,
                  real_labels: torch.Tensor | None = None, reference_indices: torch.Tensor | None = None,
                  n_samples: int = 1000, batch_size: int = 250, seed: int = 0,
-                 labels_are_classes: bool = False, kid_subsets: int = S.KID_SUBSETS) -> None:
+                 labels_are_classes: bool = False, kid_subsets: int = S.EVALUATOR_KID_SUBSETS) -> None:
         if not extractors:
             raise ValueError("an Evaluator needs at least one feature extractor")
         if n_samples < 2:
@@ -105,14 +108,16 @@ class Evaluator:
         self.resolution, self.channels = real_images.shape[-1], real_images.shape[1]
         self.n_real = len(real_images)
         labels = real_labels if labels_are_classes else None
-        self.judges = [_Judge(e, real_images, labels, reference_indices, seed, kid_subsets) for e in extractors]
+        self.judges = [_Judge(e, real_images, labels, reference_indices, seed, kid_subsets)
+                       for e in extractors]
         self.reference = {f"{j.extractor.name}/{k}": v for j in self.judges for k, v in j.reference.items()}
 
     @classmethod
-    def for_data(cls, data: str = "digits", resolution: int = 32, *, inception_weights: str | Path | None = None,
+    def for_data(cls, data: str = "digits", resolution: int = 32, *,
+                 inception_weights: str | Path | None = None,
                  device: str | torch.device = "cpu", n_samples: int = 1000, max_real: int = 10000,
                  seed: int = 0, digits_weights: str | Path | None = None,
-                 kid_subsets: int = S.KID_SUBSETS) -> "Evaluator":
+                 kid_subsets: int = S.EVALUATOR_KID_SUBSETS) -> "Evaluator":
         """The evaluator of a training run's data: ``'digits'`` (the digits judge, plus Inception when
         ``inception_weights`` is given) or an image folder (Inception; ``max_real`` images, a seeded
         random subset, at ``resolution`` px as training sees them)."""
@@ -139,7 +144,8 @@ class Evaluator:
             raise ValueError(f"n_samples must be >= 2, got {n}")
         if G.n_classes > 0:
             # Shuffled once, seeded: any batch of them holds every class.
-            y = balanced_labels(n, G.n_classes)[torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+            y = balanced_labels(n, G.n_classes)[order]
         else:
             y = None
         images = generate(G, sample_z(G, n, seed=self.seed), y, batch_size=self.batch_size)
@@ -183,5 +189,6 @@ def format_scores(scores: dict[str, float], reference: dict[str, float] | None =
 
 
 def _fmt(name: str, value: float) -> str:
-    return f"{value:.4f}" if name == "kid" else f"{value:.3f}" if name in ("coverage", "confident", "accuracy") \
-        else f"{value:.2f}"
+    if name == "kid":
+        return f"{value:.4f}"
+    return f"{value:.3f}" if name in ("coverage", "confident", "accuracy") else f"{value:.2f}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .digits import first_line
+from ..inference import first_line
 
 WEIGHTS_FILE_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 FEATURE_DIM = 2048
@@ -48,7 +48,8 @@ def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: not a weights file
-        raise ValueError(f"Inception weights {str(path)!r} are not a readable state dict ({first_line(err)})") from None
+        raise ValueError(f"Inception weights {str(path)!r} are not a readable state dict "
+                         f"({first_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"Inception weights {str(path)!r}: expected a state dict of tensors "
                          f"({WEIGHTS_FILE_NAMES[0]}), got a {type(state).__name__} of other values")
@@ -80,7 +81,8 @@ class InceptionFeatures:
     name = "inception"
     judges_classes = False  # 1008 ImageNet classes: IS yes, digit coverage no
 
-    def __init__(self, weights_path: str | Path, device: str | torch.device = "cpu", batch_size: int = 50) -> None:
+    def __init__(self, weights_path: str | Path, device: str | torch.device = "cpu",
+                 batch_size: int = 50) -> None:
         state = load_inception_state_dict(weights_path)
         extractor_class = _inception_class()
         buffer = io.BytesIO()
@@ -98,7 +100,8 @@ class InceptionFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"Inception features: expected (B, 1 or 3, H, W) images, got {tuple(images.shape)}")
+            raise ValueError(f"Inception features: expected (B, 1 or 3, H, W) images, "
+                             f"got {tuple(images.shape)}")
         feats, logits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             x = images[start:start + self.batch_size].to(self.device).float()

@@ -1,6 +1,6 @@
 """Train the built-in digits classifier and write the weights file shipped in the package.
 
-    python -m sagan_fast.metrics.train_digits_classifier            # rewrites sagan_fast/metrics/digits_classifier.pt
+    python -m sagan_fast.metrics.train_digits_classifier    # rewrites metrics/digits_classifier.pt
     python -m sagan_fast.metrics.train_digits_classifier --out /tmp/d.pt --epochs 5
 
 Deterministic: seeded init, data order and augmentation, one CPU thread, deterministic algorithms;
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .digits import (CLASSIFIER_RESOLUTION, N_CLASSES, HELDOUT_FRACTION, SPLIT_SEED, WEIGHTS_FORMAT, WEIGHTS_PATH,
-                     DigitsClassifier, heldout_split, real_digits, to_classifier_input)
+from .digits import (CLASSIFIER_RESOLUTION, HELDOUT_FRACTION, N_CLASSES, SPLIT_SEED, WEIGHTS_FORMAT,
+                     WEIGHTS_PATH, DigitsClassifier, heldout_split, real_digits, to_classifier_input)
 
 SOURCE_RESOLUTIONS = (32, 64)
 MIXUP_ALPHA = 0.4
@@ -35,7 +35,8 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     scale = 0.9 + 0.2 * torch.rand(b, generator=g)
     shift = (torch.rand(b, 2, generator=g) * 2 - 1) * (2.0 / CLASSIFIER_RESOLUTION)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    rows = [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)]
+    theta = torch.stack(rows, 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Background is -1: pad by sampling a shifted copy (zeros padding would pad with mid-grey).
     out = F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
@@ -48,7 +49,8 @@ def mixup(x: torch.Tensor, target: torch.Tensor, g: torch.Generator, alpha: floa
     """Blend each image with another of the batch and its one-hot target by the same weight (mixup,
     Zhang et al. 2018): the classifier learns that a half-3-half-8 is not a confident 3, which is
     what a generator's morph between two digits looks like."""
-    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0],)) if alpha > 0 else torch.ones(x.shape[0])
+    # Beta draws from the global generator (seeded by train_classifier); it takes no generator.
+    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0],)) if alpha > 0 else torch.ones(len(x))
     lam = torch.maximum(lam, 1 - lam)  # the first image dominates
     perm = torch.randperm(x.shape[0], generator=g)
     mixed = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
