@@ -216,6 +216,7 @@ def digits_evaluator():
 def test_real_digits_score_near_zero_and_as_well_as_the_reference(digits_evaluator):
     ev = digits_evaluator
     ref = ev.reference
+    assert ev.fid_key == "digits/fid"
     assert set(ref) >= {"digits/fid", "digits/kid", "digits/is", "digits/coverage", "digits/confident",
                         "digits/accuracy"}
     assert 0 < ref["digits/fid"] < 5 and abs(ref["digits/kid"]) < 0.1

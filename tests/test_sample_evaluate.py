@@ -95,6 +95,11 @@ def test_load_generator_errors_name_the_path(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="corrupt.pt.*not a readable"):
         load_generator(tmp_path / "corrupt.pt")
+    import argparse
+
+    torch.save(argparse.Namespace(x=1), tmp_path / "code.pt")  # a pickle of a class: weights_only refuses it
+    with pytest.raises(ValueError, match="code.pt.*not a readable"):
+        load_generator(tmp_path / "code.pt")
     torch.save({"format": 1, "config": {"model": {}}, "G_ema": {}}, tmp_path / "hollow.pt")
     with pytest.raises(ValueError, match="hollow.pt"):
         load_generator(tmp_path / "hollow.pt")

@@ -112,6 +112,11 @@ class Evaluator:
                        for e in extractors]
         self.reference = {f"{j.extractor.name}/{k}": v for j in self.judges for k, v in j.reference.items()}
 
+    @property
+    def fid_key(self) -> str:
+        """The FID to rank checkpoints by: the first extractor's (the digits judge's for digits)."""
+        return f"{self.judges[0].extractor.name}/fid"
+
     @classmethod
     def for_data(cls, data: str = "digits", resolution: int = 32, *,
                  inception_weights: str | Path | None = None,
@@ -136,7 +141,9 @@ class Evaluator:
         return cls(images, [inception], n_samples=n_samples, seed=seed, kid_subsets=kid_subsets)
 
     def __call__(self, G: nn.Module, n_samples: int | None = None) -> dict[str, float]:
-        """Scores of ``G`` (eval mode for the call; its mode is restored) on ``n_samples`` fakes."""
+        """Scores of ``G`` (eval mode for the call; its mode is restored) on ``n_samples`` fakes.
+        ``G`` is the plain module (e.g. the EMA copy), not a DDP wrapper: it needs ``z_dim`` and
+        ``n_classes``."""
         from ..inference import balanced_labels, generate, sample_z
 
         n = n_samples or self.n_samples
