@@ -21,14 +21,25 @@ setup(
     version="0.1.0",
     description="SAGAN with fused spectral-norm and self-attention kernels (Triton and CUDA C++)",
     packages=find_packages(include=["sagan_fast", "sagan_fast.*"]),
-    package_data={"sagan_fast": ["py.typed"]},
+    # The digits judge's weights (sagan_fast.metrics) ship with the package.
+    package_data={"sagan_fast": ["py.typed", "metrics/digits_classifier.pt"]},
     python_requires=">=3.10",
     # A range, not a pin: the torch already installed (CPU 2.13 here, CUDA 2.11 on GPU boxes)
-    # satisfies it, so pip never swaps it for a multi-GB download.
-    install_requires=["torch>=2.5", "numpy", "tqdm", "tensorboard", "pillow", "scikit-learn"],
+    # satisfies it, so pip never swaps it for a multi-GB download. torchmetrics computes FID/KID/IS.
+    install_requires=["torch>=2.5", "numpy", "tqdm", "tensorboard", "pillow", "scikit-learn",
+                      "torchmetrics>=1.0"],
     extras_require={
         "test": ["pytest>=8"],
         "bench": ["matplotlib", "nvidia-ml-py"],
+        # Inception FID/KID/IS (with a local weights file). torch-fidelity needs torchvision: install
+        # the one built for your torch first, or pip may replace torch to satisfy a newer one.
+        "inception": ["torch-fidelity"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sagan-fast-sample=sagan_fast.sample:main",
+            "sagan-fast-evaluate=sagan_fast.evaluate:main",
+        ],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
