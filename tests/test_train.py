@@ -326,3 +326,34 @@ def test_entry_point_reports_user_errors_without_a_traceback(tmp_path, capsys):
     assert "error: --resolution: must be one of" in capsys.readouterr().err
     assert entry.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# --- checkpoints written by earlier code --------------------------------------------------------------
+
+OLD_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_main_0635966"
+
+
+def _key_tree(d):
+    return {k: _key_tree(v) if isinstance(v, dict) and k not in ("state", "sn") else None for k, v in d.items()}
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tmp_path):
+    """A step-1 checkpoint of the code at commit 0635966 loads, resumes, and step 2 logs the losses
+    that run logged at step 2 (float32 rounding of another CPU aside), in a file of the same layout."""
+    old = ckpt.load_checkpoint(OLD_CHECKPOINT / "step_00000001.pt")
+    cfg = TrainConfig.from_dict(old["config"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(tmp_path), steps=2))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000001.pt").write_bytes((OLD_CHECKPOINT / "step_00000001.pt").read_bytes())
+    result = train(cfg)
+    assert result.step == 2 and result.resumed_from.name == "step_00000001.pt"
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = json.loads((OLD_CHECKPOINT / "step2_metrics.json").read_text())
+    assert logged["step"] == expected["step"] == 2
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged[key], expected[key])
+    new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
+    assert _key_tree(new) == _key_tree(old)
+    for model in ("G", "D", "G_ema"):
+        assert new[model].keys() == old[model].keys(), model
+    assert new["sn"]["G"].keys() == old["sn"]["G"].keys() and new["sn"]["D"].keys() == old["sn"]["D"].keys()
