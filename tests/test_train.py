@@ -304,10 +304,9 @@ def test_cpu_threads_respects_the_request_then_the_environment_then_idle_cores(m
 
 def test_discriminator_on_a_concatenated_batch_equals_two_calls():
     """The loop's D(cat([real, fake])) relies on D having no batch statistics."""
-    from sagan_fast.train.loop import build_models
+    from sagan_fast.models import build_models
 
-    cfg = tiny_config(Path("unused"))
-    _, D = build_models(cfg, image_channels=1)
+    _, D = build_models(tiny_config(Path("unused")).model, image_channels=1)
     real, fake = torch.randn(3, 1, 32, 32), torch.randn(2, 1, 32, 32)
     y_real, y_fake = torch.tensor([1, 4, 9]), torch.tensor([0, 7])
     joint = D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))

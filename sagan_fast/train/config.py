@@ -4,6 +4,9 @@ The command-line flags are generated from the fields (``ModelConfig.z_dim`` -> `
 their help text from the field docstrings, so a flag and its field cannot drift apart. Each section
 is built from the parsed namespace by its own field names: no ``**kwargs`` from strings, a misspelt
 flag is an argparse error, a bad value a :class:`ConfigError` naming the flag.
+
+The model section, :class:`~sagan_fast.models.ModelConfig`, lives with the models (which are built
+from it and must not depend on training); it is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,71 +19,14 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-RESOLUTIONS = (32, 64, 128, 256)
-# The choices sagan_fast.models accepts (kept here so the config imports without torch models).
-SN_IMPLS = ("sagan_fast", "torch", "none")
-ATTENTION_IMPLS = ("sagan_fast", "sdpa", "naive")
-BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
-INITS = ("ortho", "xavier")
+from ..models.config import ConfigError, ModelConfig, fail
+
 STEP_IMPLS = ("fast", "plain")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the flag and what is allowed."""
-
-
-def _check(cond: bool, flag: str, msg: str) -> None:
+def _check(cond: bool, field: str, problem: str) -> None:
     if not cond:
-        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
-
-
-@dataclass
-class ModelConfig:
-    """Generator and discriminator architecture (both share it)."""
-
-    resolution: int = 32
-    """Image side in pixels: 32, 64, 128 or 256."""
-    ch: int = 8
-    """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64; the
-    default is sized for digits on a CPU)."""
-    z_dim: int = 128
-    """Size of the latent noise vector z."""
-    n_classes: int = 0
-    """0: unconditional. >0: class-conditional (conditional BN in G, projection D); the data's
-    labels must be in [0, n_classes) (digits: 10)."""
-    attn_resolution: int = 16
-    """Side of the feature map where G and D apply self-attention (a power of two <= resolution;
-    0: no attention). The paper uses 32 at 128 px; 16 keeps the default digits run cheap on a CPU."""
-    image_channels: int | None = None
-    """Image channels; default: from the data (1 for digits, 3 for an image folder)."""
-    sn_impl: str = "sagan_fast"
-    """Spectral norm: 'sagan_fast' (ours, fused), 'torch' (torch's parametrization) or 'none'."""
-    sn_backend: str | None = None
-    """Kernels of our spectral norm: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
-    attention_impl: str = "sagan_fast"
-    """Self-attention: 'sagan_fast' (our op), 'sdpa' or 'naive' (plain PyTorch baselines)."""
-    attention_backend: str | None = None
-    """Kernels of our attention op: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
-    init: str = "ortho"
-    """Weight initialization: 'ortho' (orthogonal) or 'xavier'."""
-
-    def __post_init__(self) -> None:
-        _check(self.resolution in RESOLUTIONS, "resolution", f"must be one of {RESOLUTIONS}, got {self.resolution}")
-        _check(self.ch >= 1, "ch", f"must be >= 1, got {self.ch}")
-        _check(self.z_dim >= 1, "z_dim", f"must be >= 1, got {self.z_dim}")
-        _check(self.n_classes >= 0, "n_classes", f"must be >= 0, got {self.n_classes}")
-        a = self.attn_resolution
-        _check(a == 0 or (a >= 8 and a & (a - 1) == 0 and a <= self.resolution), "attn_resolution",
-               f"must be 0 or a power of two in [8, resolution={self.resolution}], got {a}")
-        _check(self.image_channels is None or self.image_channels >= 1, "image_channels",
-               f"must be >= 1, got {self.image_channels}")
-        _check(self.sn_impl in SN_IMPLS, "sn_impl", f"must be one of {SN_IMPLS}, got {self.sn_impl!r}")
-        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-               f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        for name in ("sn_backend", "attention_backend"):
-            value = getattr(self, name)
-            _check(value is None or value in BACKEND_CHOICES, name, f"must be one of {BACKEND_CHOICES}, got {value!r}")
-        _check(self.init in INITS, "init", f"must be one of {INITS}, got {self.init!r}")
+        fail(field, problem)
 
 
 @dataclass
@@ -288,7 +234,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     sections = {}
     for section, section_cls in _SECTIONS.items():
         values = {f.name: ns[f"{section}.{f.name}"] for f in dataclasses.fields(section_cls)}
-        sections[section] = section_cls(**values)
+        try:
+            sections[section] = section_cls(**values)
+        except ConfigError as err:
+            if err.field is None:
+                raise
+            raise ConfigError(f"{_flag(err.field)}: {err.problem}", err.field, err.problem) from None
     return TrainConfig(**sections)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models import build_models
 from ..nn.spectral_norm import spectral_norm_sigmas
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
@@ -121,21 +122,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_models(cfg: TrainConfig, image_channels: int) -> tuple[nn.Module, nn.Module]:
-    from ..models import Discriminator, Generator
-
-    m = cfg.model
-    G = Generator(resolution=m.resolution, ch=m.ch, z_dim=m.z_dim, n_classes=m.n_classes,
-                  attn_resolution=m.attn_resolution or None, image_channels=image_channels, sn_impl=m.sn_impl,
-                  attention_backend=m.attention_backend, init=m.init, attention_impl=m.attention_impl,
-                  sn_backend=m.sn_backend)
-    D = Discriminator(resolution=m.resolution, ch=m.ch, n_classes=m.n_classes,
-                      attn_resolution=m.attn_resolution or None, image_channels=image_channels,
-                      sn_impl=m.sn_impl, attention_backend=m.attention_backend, init=m.init,
-                      attention_impl=m.attention_impl, sn_backend=m.sn_backend)
-    return G, D
 
 
 def build_optimizers(G: nn.Module, D: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -286,7 +272,7 @@ def make_data(cfg: TrainConfig, info: DistInfo) -> DataSource:
 def make_state(cfg: TrainConfig, info: DistInfo, data: DataSource) -> TrainState:
     """Models (the same seed on every rank: equal weights and SN buffers), EMA, optimizers."""
     seed_everything(cfg.run.seed)
-    G, D = build_models(cfg, cfg.model.image_channels or data.channels)
+    G, D = build_models(cfg.model, data.channels)
     G, D = G.to(info.device), D.to(info.device)
     if cfg.run.sync_bn and info.distributed:
         if info.device.type != "cuda":
