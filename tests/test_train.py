@@ -58,7 +58,8 @@ def test_cli_flags_reach_typed_fields():
                         "--no-flip", "--sync-bn", "--lr-g", "2e-4", "--d-steps", "2", "--n-classes", "10"])
     assert (cfg.model.resolution, cfg.model.ch, cfg.model.n_classes) == (64, 8, 10)
     assert (cfg.data.batch_size, cfg.data.flip) == (16, False)
-    assert (cfg.optim.bf16, cfg.optim.lr_g, cfg.optim.d_steps) == (True, 2e-4, 2)
+    assert (cfg.optim.precision, cfg.optim.lr_g, cfg.optim.d_steps) == ("bf16", 2e-4, 2)
+    assert parse_config(["--precision", "bf16", "--no-bf16"]).optim.precision == "fp32"
     assert (cfg.run.steps, cfg.run.ckpt_every, cfg.run.out, cfg.run.sync_bn) == (20, 10, "somewhere", True)
     assert parse_config(["--resume"]).run.resume == "latest"
     assert parse_config(["--no-resume"]).run.resume == "never"
@@ -79,6 +80,7 @@ def test_cli_flags_reach_typed_fields():
     (["--ema-decay", "1"], "--ema-decay: must be in"),
     (["--keep-ckpts", "0"], "--keep-ckpts: must be >= 1"),
     (["--device", "tpu"], "--device: must be"),
+    (["--precision", "fp16"], "--precision: must be one of"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_values_are_config_errors_naming_the_flag(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -333,7 +335,8 @@ OLD_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_main
 
 
 def _key_tree(d):
-    return {k: _key_tree(v) if isinstance(v, dict) and k not in ("state", "sn") else None for k, v in d.items()}
+    return {k: _key_tree(v) if isinstance(v, dict) and k not in ("state", "sn", "config") else None
+            for k, v in d.items()}
 
 
 def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tmp_path):
@@ -353,6 +356,9 @@ def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tm
         assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged[key], expected[key])
     new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
     assert _key_tree(new) == _key_tree(old)
+    # The config holds --bf16's successor, precision; the old one converts to it.
+    assert "bf16" in old["config"]["optim"] and TrainConfig.from_dict(new["config"]) == cfg == \
+        dataclasses.replace(TrainConfig.from_dict(old["config"]), run=cfg.run)
     for model in ("G", "D", "G_ema"):
         assert new[model].keys() == old[model].keys(), model
     assert new["sn"]["G"].keys() == old["sn"]["G"].keys() and new["sn"]["D"].keys() == old["sn"]["D"].keys()

@@ -12,12 +12,12 @@ from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfi
 from .data import DataError
 from .distributed import DistInfo, destroy_distributed, init_distributed
 from .ema import EMA
-from .loop import StepStats, TrainResult, d_step, g_step, train, train_step
+from .loop import TrainResult, train
 from .losses import hinge_loss_d, hinge_loss_g
+from .step import GANStep, sample_latents
 
 __all__ = [
-    "ConfigError", "DataConfig", "DataError", "DistInfo", "EMA", "ModelConfig", "OptimConfig",
-    "RunConfig", "StepStats", "TrainConfig", "TrainResult", "build_parser", "d_step",
-    "destroy_distributed", "g_step", "hinge_loss_d", "hinge_loss_g", "init_distributed",
-    "parse_config", "train", "train_step",
+    "ConfigError", "DataConfig", "DataError", "DistInfo", "EMA", "GANStep", "ModelConfig", "OptimConfig",
+    "RunConfig", "TrainConfig", "TrainResult", "build_parser", "destroy_distributed", "hinge_loss_d",
+    "hinge_loss_g", "init_distributed", "parse_config", "sample_latents", "train",
 ]

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..models.config import ConfigError, ModelConfig, fail
-
-STEP_IMPLS = ("fast", "plain")
+from .step import PRECISIONS, PRESETS
 
 
 def _check(cond: bool, field: str, problem: str) -> None:
@@ -71,12 +70,13 @@ class OptimConfig:
     warmed up as min(decay, (1 + n) / (10 + n)), n the steps since --ema-start."""
     ema_start: int = 0
     """Step from which the EMA averages; up to it the EMA copies G."""
-    bf16: bool = False
-    """Run forward passes under bfloat16 autocast (weights, optimizer and losses stay float32)."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': forward passes under bfloat16 autocast (weights, optimizer and losses stay
+    float32). --bf16 / --no-bf16 say the same."""
     step_impl: str = "fast"
-    """Training step: 'fast' (sagan_fast.train.fast_step: channels_last, D once on real+fake, no
-    D weight gradients in the G step, no host sync per step, torch.compile on CUDA) or 'plain'
-    (loop.train_step, eager). Both do the same math."""
+    """Training step (sagan_fast.train.step.GANStep either way, the same math): 'fast' (channels_last,
+    D once on real+fake, no D weight gradients in the G step, torch.compile on CUDA) or 'plain'
+    (every speed option off: eager, D on real then on fake)."""
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d", "adam_eps"):
@@ -86,7 +86,8 @@ class OptimConfig:
         _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
-        _check(self.step_impl in STEP_IMPLS, "step_impl", f"must be one of {STEP_IMPLS}, got {self.step_impl!r}")
+        _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.step_impl in PRESETS, "step_impl", f"must be one of {tuple(PRESETS)}, got {self.step_impl!r}")
 
 
 @dataclass
@@ -156,11 +157,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, Any]]) -> "TrainConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        """Rebuild from :meth:`to_dict` (also of an earlier version: see ``_RENAMED``); unknown keys
+        are an error, not ignored."""
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = _SECTIONS[f.name]
             values = dict(d.get(f.name, {}))
+            for old, (new, convert) in _RENAMED.get(f.name, {}).items():
+                if old in values and new not in values:
+                    values[new] = convert(values.pop(old))
             known = {sf.name for sf in dataclasses.fields(section_cls)}
             unknown = set(values) - known
             if unknown:
@@ -170,6 +175,16 @@ class TrainConfig:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+# Fields of earlier versions (in configs that checkpoints hold): old name -> (field, conversion).
+_RENAMED: dict[str, dict[str, tuple[str, Any]]] = {
+    "optim": {"bf16": ("precision", lambda bf16: "bf16" if bf16 else "fp32")},
+}
+# Flags that set a field to a fixed value: (section, field) -> [(flag, value, help)].
+_ALIASES: dict[tuple[str, str], list[tuple[str, str, str]]] = {
+    ("optim", "precision"): [("--bf16", "bf16", "Same as --precision bf16."),
+                             ("--no-bf16", "fp32", "Same as --precision fp32.")],
+    ("run", "resume"): [("--no-resume", "never", "Same as --resume never.")],
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -221,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             elif section == "run" and f.name == "resume":
                 group.add_argument(_flag(f.name), nargs="?", const="latest", type=str, **kwargs)
-                group.add_argument("--no-resume", dest="run.resume", action="store_const", const="never",
-                                   help="Same as --resume never.")
             else:
                 group.add_argument(_flag(f.name), type=typ, **kwargs)
+            for flag, value, text in _ALIASES.get((section, f.name), []):
+                group.add_argument(flag, dest=kwargs["dest"], action="store_const", const=value, help=text)
     return parser
 
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -117,11 +116,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
-
-
-def no_grad_sync(model: nn.Module):
-    """Skip DDP's gradient all-reduce for ``model`` (D's gradients in a G step are discarded)."""
-    return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:

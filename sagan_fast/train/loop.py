@@ -1,18 +1,11 @@
 """The training loop: build, resume, step, log, sample, checkpoint.
 
-The step itself is :func:`train_step` (``d_steps`` discriminator steps then one generator step),
-a unit with no I/O that a faster implementation can replace.
-
-Why D sees real and fake in one call, ``D(cat([real, fake]))``: our D has no batch statistics (SN,
-no BN), so each logit is the same function of its own image as in two separate calls (up to
-floating-point summation order; tests/test_train.py checks it), and one forward + one backward
-means one DDP gradient reduction and larger kernels. (Two calls before one backward would be correct too:
-DDP runs with broadcast_buffers=False and our SN reuses u, v until the weight changes.)
+The step itself is :class:`sagan_fast.train.step.GANStep` (``d_steps`` discriminator updates then
+one generator update), a unit with no I/O; ``--step-impl`` picks its options.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,88 +25,17 @@ from ..nn.spectral_norm import spectral_norm_sigmas
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import ShardedBatchSampler, build_dataset, infinite_batches, random_flip
-from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, no_grad_sync,
+from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once,
                           wrap_ddp)
 from .ema import EMA
-from .fast_step import make_gan_step
+from .step import PRESETS, STAT_NAMES, GANStep
 from .logging import RunLogger
-from .losses import hinge_loss_d, hinge_loss_g
 
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 # Test-only hook: "STEP:PATH" makes rank 0 kill itself (SIGKILL) right after STEP, once: only if
 # PATH does not exist yet, and it creates PATH first. Used to check torchrun --max-restarts resumes.
 CRASH_HOOK_ENV = "SAGAN_FAST_TEST_CRASH_AFTER_STEP"
-
-
-# --- the step --------------------------------------------------------------------------------------
-
-@dataclass
-class StepStats:
-    """Detached scalars of one step, left on the device (read back only at log steps)."""
-
-    loss_d: torch.Tensor
-    loss_g: torch.Tensor
-    d_real: torch.Tensor
-    d_fake: torch.Tensor
-
-
-def sample_latents(batch_size: int, z_dim: int, n_classes: int, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """z ~ N(0, I) and, for a conditional model, uniform class labels (global generator)."""
-    z = torch.randn(batch_size, z_dim, device=device)
-    y = torch.randint(n_classes, (batch_size,), device=device) if n_classes > 0 else None
-    return z, y
-
-
-def autocast_context(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor,
-           y_real: torch.Tensor | None, *, z_dim: int, n_classes: int, bf16: bool = False
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One discriminator update on a real batch; returns (loss, mean D(real), mean D(fake))."""
-    batch = real.shape[0]
-    z, y_fake = sample_latents(batch, z_dim, n_classes, real.device)
-    with autocast_context(real.device, bf16):
-        with torch.no_grad():
-            fake = G(z, y_fake)
-        y = torch.cat([y_real, y_fake]) if n_classes > 0 else None
-        logits = D(torch.cat([real, fake.to(real.dtype)]), y)
-    d_real, d_fake = logits.float().split(batch)
-    loss = hinge_loss_d(d_real, d_fake)
-    opt_D.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_D.step()
-    return loss.detach(), d_real.detach().mean(), d_fake.detach().mean()
-
-
-def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, batch: int, device: torch.device,
-           *, z_dim: int, n_classes: int, bf16: bool = False) -> torch.Tensor:
-    """One generator update. D's parameter gradients from it are discarded (the next D step
-    clears them), so D's forward runs under DDP's no_sync: its backward all-reduces nothing."""
-    z, y = sample_latents(batch, z_dim, n_classes, device)
-    with autocast_context(device, bf16):
-        fake = G(z, y)
-        with no_grad_sync(D):  # DDP decides at forward time whether the backward syncs
-            logits = D(fake, y)
-    loss = hinge_loss_g(logits)
-    opt_G.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_G.step()
-    return loss.detach()
-
-
-def train_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer,
-               batches: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], *, z_dim: int,
-               n_classes: int, d_steps: int = 1, bf16: bool = False) -> StepStats:
-    """``d_steps`` D updates (each on a fresh real batch from ``batches()``), then one G update."""
-    for _ in range(d_steps):
-        real, y_real = batches()
-        loss_d, d_real, d_fake = d_step(G, D, opt_D, real, y_real, z_dim=z_dim, n_classes=n_classes, bf16=bf16)
-    loss_g = g_step(G, D, opt_G, real.shape[0], real.device, z_dim=z_dim, n_classes=n_classes, bf16=bf16)
-    return StepStats(loss_d=loss_d, loss_g=loss_g, d_real=d_real, d_fake=d_fake)
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -339,14 +261,14 @@ def load_state(cfg: TrainConfig, state: TrainState, path: Path, info: DistInfo) 
 class ScalarMeter:
     """Sums step scalars on the device; reads them back (one sync) only when logging."""
 
-    names = ("loss_d", "loss_g", "d_real", "d_fake")
+    names = STAT_NAMES
 
     def __init__(self, device: torch.device, step: int) -> None:
         self.sums = torch.zeros(len(self.names), device=device)
         self.count, self.t0, self.step0 = 0, time.perf_counter(), step
 
-    def add(self, stats: StepStats) -> None:
-        self.sums += torch.stack([stats.loss_d, stats.loss_g, stats.d_real, stats.d_fake])
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([stats[name] for name in self.names])
         self.count += 1
 
     def read(self, step: int, images_per_step: int) -> dict[str, float]:
@@ -383,10 +305,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     else:
         seed_everything(per_rank_seed(cfg, info))
     fixed_z, fixed_y = _fixed_noise(cfg, device)
-    fast_step = None
-    if cfg.optim.step_impl == "fast":
-        fast_step = make_gan_step(G_ddp, D_ddp, state.opt_G, state.opt_D, precision="bf16" if cfg.optim.bf16 else "fp32",
-                                  d_steps=cfg.optim.d_steps, z_dim=cfg.model.z_dim, n_classes=cfg.model.n_classes)
+    step_fn = GANStep(G_ddp, D_ddp, state.opt_G, state.opt_D, precision=cfg.optim.precision,
+                      d_steps=cfg.optim.d_steps, **PRESETS[cfg.optim.step_impl])
 
     logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
     if info.is_main:
@@ -415,11 +335,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     last_ckpt = last_samples = None
     try:
         while state.step < cfg.run.steps:
-            if fast_step is not None:
-                stats = StepStats(**fast_step(*_concat_batches([next_batch() for _ in range(cfg.optim.d_steps)])))
-            else:
-                stats = train_step(G_ddp, D_ddp, state.opt_G, state.opt_D, next_batch, z_dim=cfg.model.z_dim,
-                                   n_classes=cfg.model.n_classes, d_steps=cfg.optim.d_steps, bf16=cfg.optim.bf16)
+            stats = step_fn([next_batch() for _ in range(cfg.optim.d_steps)])
             state.step += 1
             step = state.step
             state.ema.update(step)
@@ -433,8 +349,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                 state.skipped_images += skipped_now
                 scalars = meter.read(step, cfg.data.batch_size * info.world_size)
                 images_per_s = scalars["images_per_s"]
-                if fast_step is not None:  # the SN sigma check the fast step skips (a sync is paid here anyway)
-                    fast_step.check_spectral_norms()
+                step_fn.check_spectral_norms()  # the SN check the step skips (a sync is paid here anyway)
                 scalars["skipped_images"] = float(state.skipped_images)
                 if info.is_main:
                     for name, model in (("G", state.G), ("D", state.D)):
@@ -461,15 +376,6 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         logger.close()
     return TrainResult(step=state.step, out=out, last_checkpoint=last_ckpt, last_samples=last_samples,
                        resumed_from=resumed_from, skipped_images=state.skipped_images, images_per_s=images_per_s)
-
-
-def _concat_batches(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The d_steps real batches as one (the fast step splits it again, one part per D step)."""
-    if len(batches) == 1:
-        return batches[0]
-    labels = [y for _, y in batches]
-    return torch.cat([x for x, _ in batches]), (torch.cat(labels) if labels[0] is not None else None)
 
 
 def _fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
