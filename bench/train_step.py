@@ -37,8 +37,8 @@ GPUs; else gloo on CPU): per-process images/s against 1 process. It launches its
 ``torchrun --standalone --nproc_per_node=2 bench/train_step.py --ddp-worker OUT.json ...``.
 
 Also (unless ``--no-data``) the input pipeline: a folder of random PNGs prepared with
-``sagan_fast.train.prepared_data`` and read by its loader (uint8 batches, flip and scaling on the
-device): images/s it sustains, to compare with the step's.
+``sagan_fast.train.prepared_data`` and read by the training loop's ``BatchSource`` (uint8 batches,
+flip and scaling on the device): images/s it sustains, to compare with the step's (data_headroom).
 
 Usage::
 
@@ -185,12 +185,14 @@ def add_ratios(rows: list[dict]) -> None:
 # --- input pipeline -----------------------------------------------------------------------------------
 
 def measure_data(resolution: int, batch: int, workers: int, device: torch.device, n_batches: int) -> dict:
-    """Images/s of the prepared-data loader + device-side flip/scale, on random PNGs."""
+    """Images/s of the training loop's batch source on a prepared folder of random PNGs: loader
+    workers gathering uint8 batches, then flips and scaling on the device."""
     import numpy as np
     from PIL import Image
 
-    from sagan_fast.train.data import ShardedBatchSampler
-    from sagan_fast.train.prepared_data import PreparedDataset, make_loader, prepare, to_training_batch
+    from sagan_fast.train import DataConfig, DistInfo, ModelConfig, TrainConfig
+    from sagan_fast.train.data import BatchSource
+    from sagan_fast.train.prepared_data import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
@@ -202,27 +204,17 @@ def measure_data(resolution: int, batch: int, workers: int, device: torch.device
         t0 = time.perf_counter()
         prepare(src, Path(tmp) / "prepared", resolution, workers=min(workers, 4), quiet=True)
         prepare_s = time.perf_counter() - t0
-        ds = PreparedDataset(Path(tmp) / "prepared")
-        sampler = ShardedBatchSampler(len(ds), batch)
-        loader = make_loader(ds, sampler, workers=workers, pin_memory=device.type == "cuda")
-        it, done = iter(loader), 0
-
-        def next_batch():
-            nonlocal it
-            try:
-                return next(it)
-            except StopIteration:
-                it = iter(loader)
-                return next(it)
-        to_training_batch(next_batch()[0], device)  # worker start-up outside the timing
-        t0 = time.perf_counter()
+        cfg = TrainConfig(model=ModelConfig(resolution=resolution),
+                          data=DataConfig(data=str(Path(tmp) / "prepared"), batch_size=batch, workers=workers))
+        source = BatchSource(cfg, DistInfo(device=device))
+        next(source)  # worker start-up outside the timing
+        t0, done = time.perf_counter(), 0
         for _ in range(n_batches):
-            x = to_training_batch(next_batch()[0], device)
-            done += x.shape[0]
+            done += next(source)[0].shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        del it, loader
+        del source  # its worker processes, before the folder goes
     return dict(config="data_loader", resolution=resolution, precision="uint8", batch=batch, workers=workers,
                 images_per_s=done / dt, ms_per_step=dt / n_batches * 1e3,
                 prepare_images_per_s=n_images / prepare_s)

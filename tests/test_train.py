@@ -362,3 +362,18 @@ def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tm
     for model in ("G", "D", "G_ema"):
         assert new[model].keys() == old[model].keys(), model
     assert new["sn"]["G"].keys() == old["sn"]["G"].keys() and new["sn"]["D"].keys() == old["sn"]["D"].keys()
+
+
+def test_the_ema_generator_rebuilds_from_the_config_a_checkpoint_holds():
+    """What load_generator(path) does: ModelConfig(**saved config), the image channels from the state
+    dict (the config leaves them to the data), a strict load of G_ema, samples."""
+    from sagan_fast.models import Generator
+
+    saved = ckpt.load_checkpoint(OLD_CHECKPOINT / "step_00000001.pt")
+    model_cfg = ModelConfig(**saved["config"]["model"])
+    assert model_cfg.image_channels is None
+    G = Generator.from_config(model_cfg, image_channels=Generator.image_channels_in(saved["G_ema"]))
+    G.load_state_dict(saved["G_ema"])  # strict: every key and shape matches
+    with torch.no_grad():
+        images = G.eval()(torch.randn(3, model_cfg.z_dim), torch.tensor([0, 4, 9]))
+    assert images.shape == (3, 1, 32, 32) and torch.isfinite(images).all() and images.std() > 0

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from sagan_fast.models import Discriminator, Generator
 from sagan_fast.nn.spectral_norm import spectral_norm_layers
 from sagan_fast.train import hinge_loss_d, hinge_loss_g
-from sagan_fast.train.data import DataError, ImageFolderDataset, ShardedBatchSampler
+from sagan_fast.train.data import (DataError, ImageFolderDataset, ShardedBatchSampler, infinite_batches,
+                                   make_loader)
+from sagan_fast.train.prepared_data import PreparedDataset, is_prepared, main as prepare_main, prepare, to_training_batch
 from sagan_fast.train.step import PLAIN, GANStep, _make_capturable
-from sagan_fast.train.prepared_data import (PreparedDataset, is_prepared, main as prepare_main, make_loader,
-                                            prepare, prepared_batches, to_training_batch)
 
 from utils import assert_close_report, requires_cuda
 
@@ -403,7 +402,7 @@ def test_prepared_loader_batches_shards_and_flips(image_folder, tmp_path):
     seen = []
     for rank in range(2):
         sampler = ShardedBatchSampler(len(ds), 2, rank=rank, world_size=2, seed=0)
-        it = prepared_batches(make_loader(ds, sampler, workers=0), sampler)
+        it = infinite_batches(make_loader(ds, sampler, workers=0, pin_memory=False, seed=0), sampler)
         images, labels, skipped = next(it)
         assert images.shape == (2, 8, 8, 3) and labels.tolist() == [0, 0] and skipped.sum() == 0
         assert sampler.state_dict() == {"epoch": 1, "batch": 0}  # one batch per rank per epoch

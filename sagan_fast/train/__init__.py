@@ -1,10 +1,17 @@
-"""Training: typed config, hinge loss, TTUR Adam, EMA of G, data, checkpoints, DDP, logging, loop.
+"""Training: typed config, the GAN step, hinge loss, TTUR Adam, EMA of G, data, checkpoints, DDP,
+logging, the loop.
 
 Entry point: ``train_ddp.py`` (``python train_ddp.py ...`` or ``torchrun ... train_ddp.py ...``).
 In Python::
 
     from sagan_fast.train import parse_config, train
     result = train(parse_config(["--steps", "100", "--out", "runs/try"]))
+
+Modules: ``config`` (flags from typed fields), ``step`` (:class:`GANStep`: one D/G iteration, fast
+or plain), ``data`` (:class:`~sagan_fast.train.data.BatchSource`: digits, an image folder or a
+prepared one), ``checkpoint`` (save, resume, RNG state), ``observe`` (sample grids, gammas, SN
+sigmas), ``logging``, ``distributed``, ``ema``, ``losses``, ``loop`` (:func:`train`), and
+``prepared_data`` (``python -m sagan_fast.train.prepared_data``: prepare an image folder once).
 """
 
 from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
