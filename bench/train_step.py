@@ -50,7 +50,7 @@ compilation, ~1-2 minutes each)::
 
     python bench/train_step.py --quick --json bench/results/train_step-quick.json
     python -m sagan_fast.train.prepared_data RANDOM_PNGS /tmp/prep --resolution 128   # or --data digits
-    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --bf16 --steps 200 \
+    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --precision bf16 --steps 200 \
         --log-every 50 --no-progress --out /tmp/run128
 
 On a machine with no GPU everything runs on the CPU at small sizes and the report says so: CPU
@@ -77,7 +77,7 @@ from common import Report, card_info, count_kernel_launches, default_device, say
 
 from sagan_fast.models import ModelConfig, build_models  # noqa: E402
 from sagan_fast.nn.spectral_norm import SpectralNormError, assert_normalized  # noqa: E402
-from sagan_fast.train.step import PLAIN, GANStep  # noqa: E402
+from sagan_fast.train.step import PLAIN, PRECISIONS, GANStep  # noqa: E402
 
 OURS = dict(sn_impl="sagan_fast", attention_impl="sagan_fast")
 TORCH_SDPA = dict(sn_impl="torch", attention_impl="sdpa")
@@ -338,8 +338,8 @@ def parse_args(argv):
     args.resolutions = [int(r) for r in args.resolutions.split(",")]
     args.precisions = (args.precisions or ("bf16" if args.quick and gpu else "fp32,bf16")).split(",")
     for prec in args.precisions:
-        if prec not in ("fp32", "bf16"):
-            p.error(f"--precisions: {prec!r} is not fp32 or bf16")
+        if prec not in PRECISIONS:
+            p.error(f"--precisions: {prec!r} is not one of {PRECISIONS}")
     args.ch = args.ch or (64 if gpu else 4)
     args.batch = args.batch or (64 if gpu else 4)
     if args.attn_resolution is None:

@@ -124,6 +124,18 @@ def compare_models(a, b, steps: int, where: str):
             assert_close_report(sa._u, sb._u, atol=1e-4, rtol=0, name=f"{where}: SN u")
 
 
+def run_steps(step, data: list, steps: int, d_steps: int) -> list[tuple[float, float]]:
+    """(loss_d, loss_g) of ``steps`` calls of ``step``, each on the next ``d_steps`` batches of ``data``."""
+    torch.manual_seed(5)
+    out = []
+    for i in range(steps):
+        stats = step(data[i * d_steps:(i + 1) * d_steps])
+        assert set(stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
+        assert all(not v.requires_grad and v.ndim == 0 for v in stats.values())
+        out.append((stats["loss_d"].item(), stats["loss_g"].item()))
+    return out
+
+
 @pytest.mark.parametrize("n_classes,d_steps", [(3, 1), (0, 2)], ids=["conditional", "uncond-2-d-steps"])
 def test_fast_step_matches_plain_steps_fp32(n_classes, d_steps):
     steps, size = 3, 3  # odd batch
@@ -132,13 +144,7 @@ def test_fast_step_matches_plain_steps_fp32(n_classes, d_steps):
     G, D, opt_G, opt_D = tiny_gan(0, n_classes)
     step = GANStep(G, D, opt_G, opt_D, precision="fp32", compile=False, d_steps=d_steps)
     assert step.channels_last and step.d_on_cat and step.freeze_d  # the fast path's options
-    torch.manual_seed(5)
-    fast = []
-    for i in range(steps):
-        stats = step(data[i * d_steps:(i + 1) * d_steps])
-        assert set(stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
-        assert all(not v.requires_grad and v.ndim == 0 for v in stats.values())
-        fast.append((stats["loss_d"].item(), stats["loss_g"].item()))
+    fast = run_steps(step, data, steps, d_steps)
 
     G2, D2, opt_G2, opt_D2 = tiny_gan(0, n_classes)
     torch.manual_seed(5)
@@ -146,12 +152,8 @@ def test_fast_step_matches_plain_steps_fp32(n_classes, d_steps):
              for i in range(steps)]
 
     G3, D3, opt_G3, opt_D3 = tiny_gan(0, n_classes)
-    plain_step = GANStep(G3, D3, opt_G3, opt_D3, precision="fp32", d_steps=d_steps, **PLAIN)
-    torch.manual_seed(5)
-    plain_ours = []
-    for i in range(steps):
-        s = plain_step(data[i * d_steps:(i + 1) * d_steps])
-        plain_ours.append((s["loss_d"].item(), s["loss_g"].item()))
+    plain_ours = run_steps(GANStep(G3, D3, opt_G3, opt_D3, precision="fp32", d_steps=d_steps, **PLAIN),
+                           data, steps, d_steps)
     assert not any(m._forward_pre_hooks for m in G3.modules() if isinstance(m, torch.nn.Conv2d))
 
     for i, ((fd, fg), (pd, pg), (ld, lg)) in enumerate(zip(fast, plain, plain_ours)):

@@ -101,7 +101,8 @@ def broadcast_buffers_once(model: nn.Module, info: DistInfo) -> None:
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP that does not re-broadcast buffers at every forward: that rewrites buffers in place,
-    which breaks SN's u when D runs before an earlier graph is backpropagated (see DESIGN.md).
+    which breaks SN's u when D runs before an earlier graph is backpropagated (docs/DESIGN.md, "How
+    the spectral-norm update works").
 
     Newer torch spells it ``forward_sync_buffers=False`` (buffers still synced once at init, which
     we want) and deprecates ``broadcast_buffers``; torch 2.11 only knows ``broadcast_buffers``.
