@@ -20,8 +20,9 @@ other options or on other models (``ROWS`` below):
   default: Inductor on a CPU takes minutes to compile).
 
 After timing, every row's models must pass ``sagan_fast.nn.assert_normalized`` (the largest singular
-value of every W / sigma within ``SN_TOLERANCE`` of 1): the run fails, after printing the table, if any row's step
-skipped the power iteration, so no speed figure comes from a step that did not normalize.
+value of every W / sigma within ``SN_TOLERANCE`` of 1): the run fails, after printing the table, if
+any row's step skipped the power iteration, so no speed figure comes from a step that did not
+normalize.
 
 Same models (same seed), same losses, same optimizers (Adam, lr 1e-4 / 4e-4, betas (0, 0.9);
 ``fused=True`` on CUDA for every row). fp32 rows allow TF32 (``torch.set_float32_matmul_precision
@@ -50,8 +51,8 @@ compilation, ~1-2 minutes each)::
 
     python bench/train_step.py --quick --json bench/results/train_step-quick.json
     python -m sagan_fast.train.prepared_data RANDOM_PNGS /tmp/prep --resolution 128   # or --data digits
-    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --precision bf16 --steps 200 \
-        --log-every 50 --no-progress --out /tmp/run128
+    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --precision bf16 \
+        --steps 200 --log-every 50 --no-progress --out /tmp/run128
 
 On a machine with no GPU everything runs on the CPU at small sizes and the report says so: CPU
 numbers say nothing about the GPU targets.
@@ -106,8 +107,8 @@ SN_TOLERANCE = 0.05
 
 
 def build(config: str, resolution: int, ch: int, n_classes: int, attn: int | None, device: torch.device):
-    model = ModelConfig(resolution=resolution, ch=ch, z_dim=128, n_classes=n_classes, attn_resolution=attn or 0,
-                        **ROWS[config][0])
+    model = ModelConfig(resolution=resolution, ch=ch, z_dim=128, n_classes=n_classes,
+                        attn_resolution=attn or 0, **ROWS[config][0])
     torch.manual_seed(0)
     G, D = (m.to(device) for m in build_models(model, image_channels=3))
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -204,8 +205,8 @@ def measure_data(resolution: int, batch: int, workers: int, device: torch.device
         t0 = time.perf_counter()
         prepare(src, Path(tmp) / "prepared", resolution, workers=min(workers, 4), quiet=True)
         prepare_s = time.perf_counter() - t0
-        cfg = TrainConfig(model=ModelConfig(resolution=resolution),
-                          data=DataConfig(data=str(Path(tmp) / "prepared"), batch_size=batch, workers=workers))
+        data = DataConfig(data=str(Path(tmp) / "prepared"), batch_size=batch, workers=workers)
+        cfg = TrainConfig(model=ModelConfig(resolution=resolution), data=data)
         source = BatchSource(cfg, DistInfo(device=device))
         next(source)  # worker start-up outside the timing
         t0, done = time.perf_counter(), 0
@@ -239,9 +240,9 @@ def ddp_worker(args) -> None:
     res = args.resolutions[0]
     G, D, opt_G, opt_D = build("fast", res, args.ch, args.n_classes, args.attn_resolution or None, device)
     info = DistInfo(rank=rank, local_rank=local, world_size=world, device=device)
-    G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings (no buffer broadcast)
+    G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings
     precision = args.precisions[-1]
-    step = GANStep(G_ddp, D_ddp, opt_G, opt_D, precision=precision, compile=args.compile if use_cuda else False)
+    step = GANStep(G_ddp, D_ddp, opt_G, opt_D, precision=precision, compile=use_cuda and args.compile)
     real = (torch.rand(args.batch, 3, res, res, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
     y = torch.randint(args.n_classes, (args.batch,), device=device) if args.n_classes else None
     for _ in range(args.warmup):
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp:
         run_ddp(args, argv, report)
     columns = ["config", "resolution", "precision", "ms_per_step", "images_per_s", "peak_mib", "launches",
-               "speedup_vs_plain", "speedup_vs_best_plain", "sn_normalized", "data_headroom", "ddp_efficiency",
-               "error"]
+               "speedup_vs_plain", "speedup_vs_best_plain", "sn_normalized", "data_headroom",
+               "ddp_efficiency", "error"]
     columns = [c for c in columns if any(r.get(c) is not None for r in report.rows)]
     print(report.markdown(columns))
     if device.type != "cuda":
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     unnormalized = {f"{r['config']} {r['resolution']}px {r['precision']}": r["sn_error"]
                     for r in report.rows if r.get("sn_error")}
     if unnormalized:  # the figures above came from steps that did not normalize: they are not results
-        raise SpectralNormError(f"{len(unnormalized)} timed row(s) left spectral norm un-normalized: {unnormalized}")
+        raise SpectralNormError(f"{len(unnormalized)} timed row(s) left spectral norm un-normalized: "
+                                f"{unnormalized}")
     return 0
 
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from sagan_fast.train import ConfigError, DataConfig, DistInfo, ModelConfig, TrainConfig
-from sagan_fast.train.data import (BatchSource, DataError, DigitsDataset, ImageFolderDataset, ShardedBatchSampler,
-                                   build_dataset, infinite_batches, load_digits_arrays, random_flip)
+from sagan_fast.train.data import (BatchSource, DataError, DigitsDataset, ImageFolderDataset,
+                                   ShardedBatchSampler, build_dataset, infinite_batches, load_digits_arrays,
+                                   random_flip)
 from sagan_fast.train.prepared_data import prepare
 
 
@@ -194,7 +195,8 @@ def test_batch_source_gives_a_folder_and_its_prepared_copy_as_the_same_batches(t
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)  # k / 127.5 - 1 both ways
         for image, plain in zip(a, c):
             assert torch.equal(image, plain) or torch.equal(image, plain.flip(2))
-    assert any(not torch.equal(a, c) for (a, _), (c, _) in zip(got["folder"], got["unflipped"])), "nothing flipped"
+    pairs = zip(got["folder"], got["unflipped"])
+    assert any(not torch.equal(a, c) for (a, _), (c, _) in pairs), "nothing flipped"
 
 
 def test_batch_source_labels_resume_position_and_errors(tmp_path):

@@ -35,8 +35,11 @@ def test_the_design_note_is_in_the_repository_and_its_paths_exist():
     root = README.parent
     assert "`docs/DESIGN.md`" in README.read_text()
     design = (root / "docs" / "DESIGN.md").read_text()
-    tracked = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".txt", ".toml", ".cfg")
-               and not any(part.startswith(".") or part in ("build", "runs") for part in p.relative_to(root).parts)]
+    def ours(p: Path) -> bool:  # text files of the repository (no hidden folders, builds, runs)
+        parts = p.relative_to(root).parts
+        return p.suffix in (".py", ".md", ".txt", ".toml", ".cfg") and p.is_file() and not any(
+            part.startswith(".") or part in ("build", "runs") for part in parts)
+    tracked = [p for p in root.rglob("*") if ours(p)]
     marker = "../" + "shared"  # spelled in two parts so this file does not match itself
     outside = [str(p.relative_to(root)) for p in tracked if marker in p.read_text(errors="ignore")]
     assert not outside, f"files pointing outside the repository: {outside}"

@@ -346,14 +346,15 @@ def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tm
     cfg = TrainConfig.from_dict(old["config"])
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(tmp_path), steps=2))
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "step_00000001.pt").write_bytes((OLD_CHECKPOINT / "step_00000001.pt").read_bytes())
+    (tmp_path / "checkpoints" / "step_00000001.pt").write_bytes(
+        (OLD_CHECKPOINT / "step_00000001.pt").read_bytes())
     result = train(cfg)
     assert result.step == 2 and result.resumed_from.name == "step_00000001.pt"
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     expected = json.loads((OLD_CHECKPOINT / "step2_metrics.json").read_text())
     assert logged["step"] == expected["step"] == 2
     for key in ("loss_d", "loss_g", "d_real", "d_fake"):
-        assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged[key], expected[key])
+        assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged, expected)
     new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
     assert _key_tree(new) == _key_tree(old)
     # The config holds --bf16's successor, precision; the old one converts to it.

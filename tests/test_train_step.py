@@ -22,7 +22,8 @@ from sagan_fast.nn.spectral_norm import spectral_norm_layers
 from sagan_fast.train import hinge_loss_d, hinge_loss_g
 from sagan_fast.train.data import (DataError, ImageFolderDataset, ShardedBatchSampler, infinite_batches,
                                    make_loader)
-from sagan_fast.train.prepared_data import PreparedDataset, is_prepared, main as prepare_main, prepare, to_training_batch
+from sagan_fast.train.prepared_data import (PreparedDataset, is_prepared, main as prepare_main, prepare,
+                                            to_training_batch)
 from sagan_fast.train.step import PLAIN, GANStep, _make_capturable
 
 from utils import assert_close_report, requires_cuda
@@ -290,7 +291,8 @@ def test_fast_step_under_ddp_matches_plain_and_keeps_ranks_equal(tmp_path):
             for key, value in rank["fast"][model].items():
                 ref = rank["plain"][model][key]
                 if value.is_floating_point():  # SGD: float32 rounding apart (~1e-7), the same weights
-                    assert_close_report(value, ref, atol=1e-5, rtol=1e-5, name=f"DDP fast vs plain: {model}.{key}")
+                    assert_close_report(value, ref, atol=1e-5, rtol=1e-5,
+                                        name=f"DDP fast vs plain: {model}.{key}")
     for model in ("G", "D"):
         for key, value in ranks[0]["fast"][model].items():
             if "running" in key or "num_batches" in key:

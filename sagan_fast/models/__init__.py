@@ -8,8 +8,8 @@ Built from keywords (``Generator(resolution=128, ch=64, ...)``) or from a typed
 from __future__ import annotations
 
 from .blocks import count_parameters
-from .config import (ATTENTION_IMPLS, D_ARCH, G_CHANNEL_MULTIPLIERS, INITS, RESOLUTIONS, SN_IMPLS, ConfigError,
-                     ModelConfig)
+from .config import (ATTENTION_IMPLS, D_ARCH, G_CHANNEL_MULTIPLIERS, INITS, RESOLUTIONS, SN_IMPLS,
+                     ConfigError, ModelConfig)
 from .discriminator import Discriminator
 from .generator import Generator
 
@@ -23,6 +23,7 @@ def build_models(config: ModelConfig, image_channels: int | None = None) -> tupl
 
 
 __all__ = [
-    "ATTENTION_IMPLS", "ConfigError", "D_ARCH", "Discriminator", "G_CHANNEL_MULTIPLIERS", "Generator", "INITS",
-    "ModelConfig", "RESOLUTIONS", "SN_IMPLS", "SUPPORTED_RESOLUTIONS", "build_models", "count_parameters",
+    "ATTENTION_IMPLS", "ConfigError", "D_ARCH", "Discriminator", "G_CHANNEL_MULTIPLIERS", "Generator",
+    "INITS", "ModelConfig", "RESOLUTIONS", "SN_IMPLS", "SUPPORTED_RESOLUTIONS", "build_models",
+    "count_parameters",
 ]

@@ -86,7 +86,8 @@ def check_choice(field: str, value: Any, choices: tuple, *, optional: bool = Fal
         fail(field, f"must be one of {choices}, got {value!r}")
 
 
-_MODEL_NAMES = {"G": "the generator", "D": "the discriminator", "GD": "both the generator and the discriminator"}
+_MODEL_NAMES = {"G": "the generator", "D": "the discriminator",
+                "GD": "both the generator and the discriminator"}
 
 
 def check_architecture(models: str, *, resolution: Any, ch: Any, n_classes: Any, attn_resolution: Any,
@@ -141,11 +142,13 @@ class ModelConfig:
     sn_impl: str = "sagan_fast"
     """Spectral norm: 'sagan_fast' (ours, fused), 'torch' (torch's parametrization) or 'none'."""
     sn_backend: str | None = None
-    """Kernels of our spectral norm: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
+    """Kernels of our spectral norm: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND,
+    else auto)."""
     attention_impl: str = "sagan_fast"
     """Self-attention: 'sagan_fast' (our op), 'sdpa' or 'naive' (plain PyTorch baselines)."""
     attention_backend: str | None = None
-    """Kernels of our attention op: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
+    """Kernels of our attention op: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND,
+    else auto)."""
     init: str = "ortho"
     """Weight initialization: 'ortho' (orthogonal) or 'xavier'."""
 
@@ -169,6 +172,8 @@ class ModelConfig:
         return kwargs
 
 
-__all__ = ["ATTENTION_IMPLS", "BACKENDS", "BOTTOM_RESOLUTION", "ConfigError", "D_ARCH", "G_CHANNEL_MULTIPLIERS",
-           "INITS", "ModelConfig", "PLAIN_ATTENTION_IMPLS", "RESOLUTIONS", "SN_IMPLS", "check_architecture",
-           "discriminator_block_resolutions", "generator_block_resolutions"]
+__all__ = [
+    "ATTENTION_IMPLS", "BACKENDS", "BOTTOM_RESOLUTION", "ConfigError", "D_ARCH", "G_CHANNEL_MULTIPLIERS",
+    "INITS", "ModelConfig", "PLAIN_ATTENTION_IMPLS", "RESOLUTIONS", "SN_IMPLS", "check_architecture",
+    "discriminator_block_resolutions", "generator_block_resolutions",
+]

@@ -139,8 +139,8 @@ def resolve_resume(run: RunConfig) -> Path | None:
     found = list_checkpoints(folder)
     if run.resume == "never":
         if found:  # a fresh run would interleave its checkpoints with (and prune) the old ones
-            raise FileExistsError(f"--no-resume: {folder} already holds checkpoints (up to {found[-1].name}); "
-                                  "choose another --out or delete them")
+            raise FileExistsError(f"--no-resume: {folder} already holds checkpoints (up to "
+                                  f"{found[-1].name}); choose another --out or delete them")
         return None
     if run.resume == "auto":
         return found[-1] if found else None
@@ -160,7 +160,8 @@ def save_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo) -> 
     s = state
     payload = {"config": cfg.to_dict(), "world_size": info.world_size, "G": s.G.state_dict(),
                "D": s.D.state_dict(), "G_ema": s.ema.state_dict(), "opt_G": s.opt_G.state_dict(),
-               "opt_D": s.opt_D.state_dict(), "sn": {"G": spectral_norm_state(s.G), "D": spectral_norm_state(s.D)},
+               "opt_D": s.opt_D.state_dict(),
+               "sn": {"G": spectral_norm_state(s.G), "D": spectral_norm_state(s.D)},
                "sampler": s.batches.state_dict(), "rng": rng, "skipped_images": s.skipped_images}
     return save_checkpoint(Path(cfg.run.out) / CHECKPOINT_DIR, s.step, payload, keep=cfg.run.keep_ckpts)
 

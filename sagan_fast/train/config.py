@@ -86,8 +86,10 @@ class OptimConfig:
         _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
-        _check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
-        _check(self.step_impl in PRESETS, "step_impl", f"must be one of {tuple(PRESETS)}, got {self.step_impl!r}")
+        _check(self.precision in PRECISIONS, "precision",
+               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.step_impl in PRESETS, "step_impl",
+               f"must be one of {tuple(PRESETS)}, got {self.step_impl!r}")
 
 
 @dataclass

@@ -166,7 +166,8 @@ class PreparedDataset(Dataset):
     def __init__(self, root: str | os.PathLike, resolution: int | None = None) -> None:
         self.root = Path(root)
         if not is_prepared(self.root):
-            raise DataError(f"{self.root} is not a prepared dataset (no {INDEX_FILE} of format {PREPARED_FORMAT}); "
+            raise DataError(f"{self.root} is not a prepared dataset (no {INDEX_FILE} of format "
+                            f"{PREPARED_FORMAT}); "
                             f"make one with `python -m sagan_fast.train.prepared_data SRC {self.root} "
                             f"--resolution R`")
         self.index = json.loads((self.root / INDEX_FILE).read_text())
@@ -317,7 +318,8 @@ def to_training_batch(images: torch.Tensor, device: torch.device | str | None = 
     Runs where ``device`` says (the GPU: the copy moves uint8 bytes, the arithmetic happens there).
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"to_training_batch: expected uint8 (B, R, R, C), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"to_training_batch: expected uint8 (B, R, R, C), got {images.dtype} "
+                         f"{tuple(images.shape)}")
     if device is not None:
         images = images.to(device, non_blocking=True)
     x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last, no copy

@@ -140,7 +140,8 @@ def build_state(cfg: TrainConfig, info: DistInfo, batches: BatchSource) -> Train
     G, D = G.to(info.device), D.to(info.device)
     if cfg.run.sync_bn and info.distributed:
         if info.device.type != "cuda":
-            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm works on GPUs only (this run is on the CPU)")
+            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm works on GPUs only (this run is on the "
+                              "CPU)")
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
     broadcast_buffers_once(G, info)
     broadcast_buffers_once(D, info)

@@ -46,7 +46,8 @@ def fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, t
     through the classes of a conditional model."""
     g = torch.Generator().manual_seed(cfg.run.seed)
     z = torch.randn(cfg.run.n_samples, cfg.model.z_dim, generator=g).to(device)
-    y = (torch.arange(cfg.run.n_samples) % cfg.model.n_classes).to(device) if cfg.model.n_classes > 0 else None
+    n_classes = cfg.model.n_classes
+    y = (torch.arange(cfg.run.n_samples) % n_classes).to(device) if n_classes > 0 else None
     return z, y
 
 
@@ -58,7 +59,8 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
     for i in range(b):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = x[i]
     return grid.permute(1, 2, 0).to(torch.uint8).numpy()
 
 

@@ -114,10 +114,11 @@ class GANStep:
     """
 
     def __init__(self, G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer,
-                 *, precision: str = "bf16", d_steps: int = 1, channels_last: bool = True, d_on_cat: bool = True,
-                 freeze_d: bool = True, compile: bool | None = None, compile_backend: str = "inductor",
-                 cuda_graphs: bool = False, graph_warmup: int = 3, parametrize_cached: bool = False,
-                 z_dim: int | None = None, n_classes: int | None = None) -> None:
+                 *, precision: str = "bf16", d_steps: int = 1, channels_last: bool = True,
+                 d_on_cat: bool = True, freeze_d: bool = True, compile: bool | None = None,
+                 compile_backend: str = "inductor", cuda_graphs: bool = False, graph_warmup: int = 3,
+                 parametrize_cached: bool = False, z_dim: int | None = None,
+                 n_classes: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(d_steps, bool) or not isinstance(d_steps, int) or d_steps < 1:
@@ -263,7 +264,8 @@ class GANStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
             return stats
         if self._graph is None:
-            self._static["batches"] = [(real.clone(), y.clone() if y is not None else None) for real, y in batches]
+            self._static["batches"] = [(real.clone(), y.clone() if y is not None else None)
+                                       for real, y in batches]
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
