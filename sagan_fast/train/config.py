@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 group.add_argument(_flag(f.name), type=typ, **kwargs)
             for flag, value, text in _ALIASES.get((section, f.name), []):
-                group.add_argument(flag, dest=kwargs["dest"], action="store_const", const=value, help=text)
+                group.add_argument(flag, dest=kwargs["dest"], action="store_const", const=value, help=text,
+                                   default=argparse.SUPPRESS)  # the field's flag sets the default
     return parser
 
 
