@@ -8,7 +8,7 @@ One process (CPU or one GPU); the quick check, well under a minute on a CPU::
 All GPUs of one machine (--batch-size is per process)::
 
     torchrun --standalone --nproc_per_node=8 train_ddp.py --data /data/celeba/img_align_celeba \\
-        --resolution 128 --ch 64 --batch-size 32 --bf16 --steps 100000 --out runs/celeba128
+        --resolution 128 --ch 64 --batch-size 32 --precision bf16 --steps 100000 --out runs/celeba128
 
 Several machines (run on each; torchrun's own rendezvous), restarting crashed workers from the
 last checkpoint::

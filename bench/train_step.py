@@ -3,17 +3,26 @@ plain PyTorch steps of the same architecture, measured side by side in one run.
 
 Configurations (rows), each at every resolution and precision asked for:
 
-- ``fast``: our models (fused SN, our attention op) through ``sagan_fast.train.fast_step.GANStep``:
-  bf16 autocast or fp32, channels_last, D once on cat([real, fake]), no D weight gradients in the
-  G step, torch.compile on CUDA. ``fast_eager``: the same without torch.compile (on a GPU: what
+Every row is the one training step, ``sagan_fast.train.step.GANStep`` (the training loop's), with
+other options or on other models (``ROWS`` below):
+
+- ``fast``: our models (fused SN, our attention op), the step's speed options on: bf16 autocast or
+  fp32, channels_last, D once on cat([real, fake]), no D weight gradients in the G step,
+  torch.compile on CUDA. ``fast_eager``: the same without torch.compile (on a GPU: what
   compilation buys). ``--cuda-graphs`` adds ``fast_graphs`` (the whole step as one CUDA graph, no
   compile) and ``fast_graphs_compiled`` (both): these rows decide the default by measurement.
-- ``plain_sdpa`` / ``plain_naive``: torch's SN parametrization, SDPA or naive bmm+softmax attention,
-  eager, the textbook step (D on real then on fake, D's gradients computed in the G step).
-- ``plain_cached``: torch SN inside ``parametrize.cached()`` (one power iteration per step instead of
-  one per forward), SDPA, eager; ``plain_cached_compiled``: the same under torch.compile (default
-  mode): the strongest plain-PyTorch configuration with SN (GPU only by default: Inductor on a CPU
-  takes minutes to compile).
+- ``plain_sdpa`` / ``plain_naive``: models with torch's SN parametrization and SDPA or naive
+  bmm+softmax attention, every speed option off (``step.PLAIN``): eager, the textbook step (D on
+  real then on fake, D's gradients computed in the G step).
+- ``plain_cached``: the same with torch's SN inside ``parametrize.cached()`` (one power iteration
+  per step instead of one per forward), SDPA; ``plain_cached_compiled``: the same under
+  torch.compile (default mode): the strongest plain-PyTorch configuration with SN (GPU only by
+  default: Inductor on a CPU takes minutes to compile).
+
+After timing, every row's models must pass ``sagan_fast.nn.assert_normalized`` (the largest singular
+value of every W / sigma within ``SN_TOLERANCE`` of 1): the run fails, after printing the table, if
+any row's step skipped the power iteration, so no speed figure comes from a step that did not
+normalize.
 
 Same models (same seed), same losses, same optimizers (Adam, lr 1e-4 / 4e-4, betas (0, 0.9);
 ``fused=True`` on CUDA for every row). fp32 rows allow TF32 (``torch.set_float32_matmul_precision
@@ -29,8 +38,8 @@ GPUs; else gloo on CPU): per-process images/s against 1 process. It launches its
 ``torchrun --standalone --nproc_per_node=2 bench/train_step.py --ddp-worker OUT.json ...``.
 
 Also (unless ``--no-data``) the input pipeline: a folder of random PNGs prepared with
-``sagan_fast.train.prepared_data`` and read by its loader (uint8 batches, flip and scaling on the
-device): images/s it sustains, to compare with the step's.
+``sagan_fast.train.prepared_data`` and read by the training loop's ``BatchSource`` (uint8 batches,
+flip and scaling on the device): images/s it sustains, to compare with the step's (data_headroom).
 
 Usage::
 
@@ -42,8 +51,8 @@ compilation, ~1-2 minutes each)::
 
     python bench/train_step.py --quick --json bench/results/train_step-quick.json
     python -m sagan_fast.train.prepared_data RANDOM_PNGS /tmp/prep --resolution 128   # or --data digits
-    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --bf16 --steps 200 \
-        --log-every 50 --no-progress --out /tmp/run128
+    python train_ddp.py --data /tmp/prep --resolution 128 --ch 64 --batch-size 64 --precision bf16 \
+        --steps 200 --log-every 50 --no-progress --out /tmp/run128
 
 On a machine with no GPU everything runs on the CPU at small sizes and the report says so: CPU
 numbers say nothing about the GPU targets.
@@ -52,7 +61,6 @@ numbers say nothing about the GPU targets.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -62,83 +70,72 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import Report, card_info, count_kernel_launches, default_device, say, time_fn  # noqa: E402
 
-from sagan_fast.models import Discriminator, Generator  # noqa: E402
-from sagan_fast.train.fast_step import GANStep  # noqa: E402
-from sagan_fast.train.losses import hinge_loss_d, hinge_loss_g  # noqa: E402
+from sagan_fast.models import ModelConfig, build_models  # noqa: E402
+from sagan_fast.nn.spectral_norm import SpectralNormError, assert_normalized  # noqa: E402
+from sagan_fast.train.step import PLAIN, PRECISIONS, GANStep  # noqa: E402
 
-PLAIN_CONFIGS = ("plain_sdpa", "plain_naive", "plain_cached", "plain_cached_compiled")
-FAST_CONFIGS = ("fast", "fast_eager", "fast_graphs", "fast_graphs_compiled")
-CONFIGS = FAST_CONFIGS + PLAIN_CONFIGS
+OURS = dict(sn_impl="sagan_fast", attention_impl="sagan_fast")
+TORCH_SDPA = dict(sn_impl="torch", attention_impl="sdpa")
+TORCH_NAIVE = dict(sn_impl="torch", attention_impl="naive")
+# Row -> (how the models are built, GANStep options). Every row is the one step object; a plain row
+# is it with every speed option off (step.PLAIN) on models with torch's SN and plain attention.
+# compile=None: --compile decides (on CUDA by default).
+ROWS: dict[str, tuple[dict, dict]] = {
+    "fast": (OURS, dict(compile=None)),
+    "fast_eager": (OURS, dict(compile=False)),
+    "fast_graphs": (OURS, dict(compile=False, cuda_graphs=True)),
+    "fast_graphs_compiled": (OURS, dict(compile=True, cuda_graphs=True)),
+    "plain_sdpa": (TORCH_SDPA, PLAIN),
+    "plain_naive": (TORCH_NAIVE, PLAIN),
+    "plain_cached": (TORCH_SDPA, dict(PLAIN, parametrize_cached=True)),
+    "plain_cached_compiled": (TORCH_SDPA, dict(PLAIN, parametrize_cached=True, compile=True)),
+}
+CONFIGS = tuple(ROWS)
+PLAIN_CONFIGS = tuple(c for c in CONFIGS if c.startswith("plain"))
 LR_G, LR_D, BETAS = 1e-4, 4e-4, (0.0, 0.9)
+# Largest singular value of W / sigma allowed after timing: 1 +- this. Not 0.02: with one power
+# iteration per step, ours and torch's SN alike reach 1.04 on the CPU-sized models after 8 steps
+# (D's attention value conv: a square orthogonal init, all singular values equal, so u, v take
+# many steps to find the top one). A step that skips the power iteration drifts past it.
+SN_TOLERANCE = 0.05
 
 
 def build(config: str, resolution: int, ch: int, n_classes: int, attn: int | None, device: torch.device):
-    ours = config.startswith("fast")
-    kwargs = dict(resolution=resolution, ch=ch, n_classes=n_classes, attn_resolution=attn,
-                  sn_impl="sagan_fast" if ours else "torch",
-                  attention_impl="sagan_fast" if ours else ("naive" if config == "plain_naive" else "sdpa"))
+    model = ModelConfig(resolution=resolution, ch=ch, z_dim=128, n_classes=n_classes,
+                        attn_resolution=attn or 0, **ROWS[config][0])
     torch.manual_seed(0)
-    G = Generator(z_dim=128, **kwargs).to(device)
-    D = Discriminator(**kwargs).to(device)
+    G, D = (m.to(device) for m in build_models(model, image_channels=3))
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_G = torch.optim.Adam(G.parameters(), lr=LR_G, betas=BETAS, **fused)
     opt_D = torch.optim.Adam(D.parameters(), lr=LR_D, betas=BETAS, **fused)
     return G, D, opt_G, opt_D
 
 
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
-def plain_step_fn(config: str, G, D, opt_G, opt_D, real, y, precision: str):
-    """The textbook plain-PyTorch step; ``plain_cached*``: SN weights cached per D / G step."""
-    device, batch, z_dim, n_classes = real.device, real.shape[0], G.z_dim, G.n_classes
-    cached = parametrize.cached if config.startswith("plain_cached") else contextlib.nullcontext
-
-    def d_loss(real, y, z, y_fake):
-        with cached(), autocast(device, precision):
-            with torch.no_grad():
-                fake = G(z, y_fake)
-            return hinge_loss_d(D(real, y), D(fake.to(real.dtype), y_fake))
-
-    def g_loss(z, y_g):
-        with cached(), autocast(device, precision):
-            return hinge_loss_g(D(G(z, y_g), y_g))
-
-    if config == "plain_cached_compiled":
-        d_loss, g_loss = torch.compile(d_loss), torch.compile(g_loss)
-
-    def labels():
-        return torch.randint(n_classes, (batch,), device=device) if n_classes else None
-
-    def step():
-        loss_d = d_loss(real, y, torch.randn(batch, z_dim, device=device), labels())
-        opt_D.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_D.step()
-        loss_g = g_loss(torch.randn(batch, z_dim, device=device), labels())
-        opt_G.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_G.step()
-        return loss_d.detach(), loss_g.detach()
-    return step
-
-
 def make_step(config: str, G, D, opt_G, opt_D, real, y, precision: str, compile_fast: bool):
-    if config in PLAIN_CONFIGS:
-        return plain_step_fn(config, G, D, opt_G, opt_D, real, y, precision)
-    graphs = config.startswith("fast_graphs")
-    compile = {"fast": compile_fast, "fast_eager": False, "fast_graphs": False, "fast_graphs_compiled": True}[config]
-    fast = GANStep(G, D, opt_G, opt_D, precision=precision, channels_last=True, compile=compile, cuda_graphs=graphs)
-    real_cl = real.contiguous(memory_format=torch.channels_last)
-    return lambda: fast(real_cl, y)
+    options = dict(ROWS[config][1])
+    if options.get("compile", False) is None:
+        options["compile"] = compile_fast
+    step = GANStep(G, D, opt_G, opt_D, precision=precision, **options)
+    if step.channels_last:  # the layout the training loop's prepared batches arrive in
+        real = real.contiguous(memory_format=torch.channels_last)
+    return lambda: step([(real, y)])
+
+
+def check_normalized(config: str, G, D) -> str | None:
+    """None if every SN weight of the timed models is normalized (see assert_normalized), else why not."""
+    if ROWS[config][0]["sn_impl"] == "none":
+        return None
+    try:
+        assert_normalized([G, D], tol=SN_TOLERANCE)
+    except SpectralNormError as err:
+        return str(err)
+    return None
 
 
 def measure(config: str, resolution: int, precision: str, args, device: torch.device) -> dict:
@@ -166,9 +163,10 @@ def measure(config: str, resolution: int, precision: str, args, device: torch.de
         # Everything the run held at its peak: weights, optimizer state, activations, a CUDA
         # graph's private pool (which a peak measured over one replay would miss).
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    losses = step()
-    loss_vals = losses.values() if isinstance(losses, dict) else losses
-    row["finite"] = all(bool(torch.isfinite(v)) for v in loss_vals)
+    row["finite"] = all(bool(torch.isfinite(v)) for v in step().values())
+    # No figure from a step that skipped the power iteration: main() fails if a row has an sn_error.
+    row["sn_error"] = check_normalized(config, G, D)
+    row["sn_normalized"] = row["sn_error"] is None
     del G, D, opt_G, opt_D, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -188,12 +186,14 @@ def add_ratios(rows: list[dict]) -> None:
 # --- input pipeline -----------------------------------------------------------------------------------
 
 def measure_data(resolution: int, batch: int, workers: int, device: torch.device, n_batches: int) -> dict:
-    """Images/s of the prepared-data loader + device-side flip/scale, on random PNGs."""
+    """Images/s of the training loop's batch source on a prepared folder of random PNGs: loader
+    workers gathering uint8 batches, then flips and scaling on the device."""
     import numpy as np
     from PIL import Image
 
-    from sagan_fast.train.data import ShardedBatchSampler
-    from sagan_fast.train.prepared_data import PreparedDataset, make_loader, prepare, to_training_batch
+    from sagan_fast.train import DataConfig, DistInfo, ModelConfig, TrainConfig
+    from sagan_fast.train.data import BatchSource
+    from sagan_fast.train.prepared_data import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
@@ -205,27 +205,17 @@ def measure_data(resolution: int, batch: int, workers: int, device: torch.device
         t0 = time.perf_counter()
         prepare(src, Path(tmp) / "prepared", resolution, workers=min(workers, 4), quiet=True)
         prepare_s = time.perf_counter() - t0
-        ds = PreparedDataset(Path(tmp) / "prepared")
-        sampler = ShardedBatchSampler(len(ds), batch)
-        loader = make_loader(ds, sampler, workers=workers, pin_memory=device.type == "cuda")
-        it, done = iter(loader), 0
-
-        def next_batch():
-            nonlocal it
-            try:
-                return next(it)
-            except StopIteration:
-                it = iter(loader)
-                return next(it)
-        to_training_batch(next_batch()[0], device)  # worker start-up outside the timing
-        t0 = time.perf_counter()
+        data = DataConfig(data=str(Path(tmp) / "prepared"), batch_size=batch, workers=workers)
+        cfg = TrainConfig(model=ModelConfig(resolution=resolution), data=data)
+        source = BatchSource(cfg, DistInfo(device=device))
+        next(source)  # worker start-up outside the timing
+        t0, done = time.perf_counter(), 0
         for _ in range(n_batches):
-            x = to_training_batch(next_batch()[0], device)
-            done += x.shape[0]
+            done += next(source)[0].shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        del it, loader
+        del source  # its worker processes, before the folder goes
     return dict(config="data_loader", resolution=resolution, precision="uint8", batch=batch, workers=workers,
                 images_per_s=done / dt, ms_per_step=dt / n_batches * 1e3,
                 prepare_images_per_s=n_images / prepare_s)
@@ -250,13 +240,13 @@ def ddp_worker(args) -> None:
     res = args.resolutions[0]
     G, D, opt_G, opt_D = build("fast", res, args.ch, args.n_classes, args.attn_resolution or None, device)
     info = DistInfo(rank=rank, local_rank=local, world_size=world, device=device)
-    G, D = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings (no buffer broadcast)
+    G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings
     precision = args.precisions[-1]
-    step = GANStep(G, D, opt_G, opt_D, precision=precision, compile=args.compile if use_cuda else False)
+    step = GANStep(G_ddp, D_ddp, opt_G, opt_D, precision=precision, compile=use_cuda and args.compile)
     real = (torch.rand(args.batch, 3, res, res, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
     y = torch.randint(args.n_classes, (args.batch,), device=device) if args.n_classes else None
     for _ in range(args.warmup):
-        step(real, y)
+        step([(real, y)])
     n = max(args.reps, 3)
     if world > 1:
         dist.barrier()
@@ -264,9 +254,10 @@ def ddp_worker(args) -> None:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
-        stats = step(real, y)
+        stats = step([(real, y)])
     float(stats["loss_d"])  # waits for the device
     dt = time.perf_counter() - t0
+    assert_normalized([G, D], tol=SN_TOLERANCE)  # no figure from a step that skipped the power iteration
     if world > 1:
         dist.destroy_process_group()
     if rank == 0:
@@ -348,8 +339,8 @@ def parse_args(argv):
     args.resolutions = [int(r) for r in args.resolutions.split(",")]
     args.precisions = (args.precisions or ("bf16" if args.quick and gpu else "fp32,bf16")).split(",")
     for prec in args.precisions:
-        if prec not in ("fp32", "bf16"):
-            p.error(f"--precisions: {prec!r} is not fp32 or bf16")
+        if prec not in PRECISIONS:
+            p.error(f"--precisions: {prec!r} is not one of {PRECISIONS}")
     args.ch = args.ch or (64 if gpu else 4)
     args.batch = args.batch or (64 if gpu else 4)
     if args.attn_resolution is None:
@@ -410,13 +401,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp:
         run_ddp(args, argv, report)
     columns = ["config", "resolution", "precision", "ms_per_step", "images_per_s", "peak_mib", "launches",
-               "speedup_vs_plain", "speedup_vs_best_plain", "data_headroom", "ddp_efficiency", "error"]
+               "speedup_vs_plain", "speedup_vs_best_plain", "sn_normalized", "data_headroom",
+               "ddp_efficiency", "error"]
     columns = [c for c in columns if any(r.get(c) is not None for r in report.rows)]
     print(report.markdown(columns))
     if device.type != "cuda":
         print("\nCPU run (no GPU): small sizes; not comparable with the GPU targets.")
     path = report.save_json(args.json)
     say(f"wrote {path}")
+    unnormalized = {f"{r['config']} {r['resolution']}px {r['precision']}": r["sn_error"]
+                    for r in report.rows if r.get("sn_error")}
+    if unnormalized:  # the figures above came from steps that did not normalize: they are not results
+        raise SpectralNormError(f"{len(unnormalized)} timed row(s) left spectral norm un-normalized: "
+                                f"{unnormalized}")
     return 0
 
 

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sagan_fast.train.data import (DataError, DigitsDataset, ImageFolderDataset, ShardedBatchSampler,
-                                   build_dataset, infinite_batches, load_digits_arrays, random_flip)
+from sagan_fast.train import ConfigError, DataConfig, DistInfo, ModelConfig, TrainConfig
+from sagan_fast.train.data import (BatchSource, DataError, DigitsDataset, ImageFolderDataset,
+                                   ShardedBatchSampler, build_dataset, infinite_batches, load_digits_arrays,
+                                   random_flip)
+from sagan_fast.train.prepared_data import prepare
 
 
 def test_digits_dataset_is_real_data_in_range():
@@ -163,3 +166,54 @@ def test_random_flip_mirrors_about_half_and_is_seeded():
     assert bool((flipped ^ kept).all()) and 16 < int(flipped.sum()) < 48
     torch.manual_seed(3)
     assert torch.equal(random_flip(x), y)
+
+
+def _source(data: str, flip: bool | None = None, n_classes: int = 0, **data_kw) -> BatchSource:
+    cfg = TrainConfig(model=ModelConfig(resolution=32, n_classes=n_classes),
+                      data=DataConfig(data=data, batch_size=2, workers=0, flip=flip, **data_kw))
+    return BatchSource(cfg, DistInfo())
+
+
+def test_batch_source_gives_a_folder_and_its_prepared_copy_as_the_same_batches(tmp_path):
+    """One order, one flip, one scaling, whichever form the data is in."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    prepare(root, tmp_path / "prepared", 32, workers=0, quiet=True)
+    got = {}
+    for name, data, flip in (("folder", root, True), ("prepared", tmp_path / "prepared", True),
+                             ("unflipped", root, False)):
+        torch.manual_seed(7)
+        source = _source(str(data), flip)
+        got[name] = source.take(4)  # 3 batches per epoch: crosses into the second
+        assert source.state_dict() == {"epoch": 1, "batch": 1}
+    for (a, ya), (b, yb), (c, _) in zip(got["folder"], got["prepared"], got["unflipped"]):
+        assert ya is None and yb is None and a.shape == b.shape == (2, 3, 32, 32)
+        assert b.is_contiguous(memory_format=torch.channels_last)  # prepared: NHWC straight to the device
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)  # k / 127.5 - 1 both ways
+        for image, plain in zip(a, c):
+            assert torch.equal(image, plain) or torch.equal(image, plain.flip(2))
+    pairs = zip(got["folder"], got["unflipped"])
+    assert any(not torch.equal(a, c) for (a, _), (c, _) in pairs), "nothing flipped"
+
+
+def test_batch_source_labels_resume_position_and_errors(tmp_path):
+    source = _source("digits", n_classes=10)
+    assert source.flip is False and source.channels == 1  # a mirrored digit is not a digit
+    images, labels = next(source)
+    assert images.shape == (2, 1, 32, 32) and labels.dtype == torch.long and labels.shape == (2,)
+    with pytest.raises(RuntimeError, match="already taken"):
+        source.load_state_dict({"epoch": 0, "batch": 0})
+    resumed = _source("digits", n_classes=10)
+    resumed.load_state_dict(source.state_dict())  # continues where the first one stopped
+    reference = _source("digits", n_classes=10)
+    reference.take(1)
+    assert torch.equal(next(resumed)[1], next(reference)[1])
+    assert _source("digits").take(1)[0][1] is None  # unconditional: no labels
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--n-classes 3: the data .* has no class labels"):
+        _source(str(tmp_path), n_classes=3)
+    with pytest.raises(ConfigError, match="--n-classes 5: the data has 10 classes"):
+        _source("digits", n_classes=5)

@@ -11,17 +11,16 @@ from pathlib import Path
 import torch
 
 from sagan_fast.train.checkpoint import list_checkpoints
-from sagan_fast.train.loop import CRASH_HOOK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(out: Path, extra_env: dict[str, str], *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, script: list[str], *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
-           str(REPO / "train_ddp.py"), "--resolution", "32", "--ch", "4", "--z-dim", "16", "--batch-size", "4",
+           *script, "--resolution", "32", "--ch", "4", "--z-dim", "16", "--batch-size", "4",
            "--n-classes", "10", "--steps", "3", "--ckpt-every", "1", "--sample-every", "3", "--log-every", "1",
            "--lr-g", "1e-3", "--lr-d", "2e-3", "--out", str(out), "--dump-rank-state", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra_env}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -29,10 +28,11 @@ def _torchrun(out: Path, extra_env: dict[str, str], *flags: str, timeout: int = 
 
 def test_two_process_gloo_run_keeps_ranks_equal_and_restarts_a_killed_worker(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "crashed_once"
-    # Rank 0 SIGKILLs itself right after step 2 (its checkpoint is written), once; torchrun restarts
-    # both workers, which resume from step 2 and finish step 3. Exactly one restart allowed: the
-    # restarted workers must find each other (see distributed._per_attempt_store).
-    proc = _torchrun(out, {CRASH_HOOK_ENV: f"2:{marker}"}, "--max-restarts=1")
+    # train_ddp.py, but rank 0 SIGKILLs itself right after writing the checkpoint of step 2, once;
+    # torchrun restarts both workers, which resume from step 2 and finish step 3. Exactly one restart
+    # allowed: the restarted workers must find each other (see distributed._per_attempt_store).
+    crash_once = [str(REPO / "tests" / "train_crash_once.py"), "2", str(marker)]
+    proc = _torchrun(out, crash_once, "--max-restarts=1")
     log = proc.stdout + proc.stderr
     assert marker.exists(), "the crash hook never fired"
     assert "resumed from" in log and "step_00000002.pt" in log, log[-3000:]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sagan_fast.models import Discriminator, Generator, count_parameters
+from sagan_fast.models import (ConfigError, Discriminator, Generator, ModelConfig, build_models,
+                               count_parameters)
 from sagan_fast.nn import SelfAttention2d, SpectralNorm, update_spectral_norms
 from tests.utils import assert_close_report
 
@@ -177,6 +178,40 @@ def test_config_rebuilds_the_same_model():
     assert count_parameters(G2) == count_parameters(G) == sum(p.numel() for p in G.parameters())
 
 
+def test_from_config_builds_what_the_keywords_build():
+    cfg = ModelConfig(resolution=64, ch=2, z_dim=Z_DIM, n_classes=3, attn_resolution=16, init="xavier")
+    torch.manual_seed(2)
+    G, D = build_models(cfg, image_channels=1)
+    torch.manual_seed(2)
+    G2 = Generator(64, ch=2, z_dim=Z_DIM, n_classes=3, attn_resolution=16, init="xavier", image_channels=1)
+    D2 = Discriminator(64, ch=2, n_classes=3, attn_resolution=16, init="xavier", image_channels=1)
+    for a, b in ((G, G2), (D, D2)):
+        assert a.config == b.config
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert Generator.image_channels_in(G.state_dict()) == 1
+    assert Generator.image_channels_in(Generator(32, ch=1, z_dim=2, sn_impl="none").state_dict()) == 3
+    # attn_resolution 0 in a config is None in the models; a config's own image_channels wins.
+    none = ModelConfig(attn_resolution=0, image_channels=3, ch=1)
+    G_none = Generator.from_config(none)
+    assert G_none.attention is None and G_none.config["image_channels"] == 3
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ModelConfig(resolution=64, attn_resolution=64), "attn_resolution: .*both the generator and the "
+                                                               r"discriminator have .*\[8, 16, 32\].*got 64"),
+    (lambda: ModelConfig(ch=0), "ch: must be >= 1"),
+    (lambda: Generator.from_config(ModelConfig()), "image_channels: .*pass image_channels="),
+    (lambda: Generator.from_config(ModelConfig(image_channels=3), image_channels=1),
+     "image_channels: the config says 3"),
+], ids=["attn_in_G_only", "ch", "channels_missing", "channels_disagree"])
+def test_model_config_errors(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+    # Each model alone accepts what it can build: G at 64 px has a 64x64 map (D has not).
+    assert Generator(64, ch=1, z_dim=2, attn_resolution=64).attention is not None
+
+
 def test_count_parameters():
     G, _ = _models(32, 0)
     total = count_parameters(G)
@@ -205,16 +240,22 @@ def test_grayscale_and_channels_last_and_bf16_autocast():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Generator(48), "unsupported resolution 48"),
-    (lambda: Discriminator(512), "unsupported resolution 512"),
-    (lambda: Generator(32, ch=4, attn_resolution=4), "attn_resolution=4"),
-    (lambda: Discriminator(64, ch=4, attn_resolution=64), "attn_resolution=64"),
+    (lambda: Generator(48), r"resolution: must be one of \(32, 64, 128, 256\), got 48"),
+    (lambda: Discriminator(512), "resolution: must be one of .*got 512"),
+    (lambda: Generator(32, ch=4, attn_resolution=4),
+     r"attn_resolution: .*the generator has .*\[8, 16, 32\].*got 4$"),
+    (lambda: Discriminator(64, ch=4, attn_resolution=64),
+     "attn_resolution: .*the discriminator has .*got 64$"),
     (lambda: Generator(32, ch=4, sn_impl="apex"), "sn_impl"),
     (lambda: Discriminator(32, ch=4, init="kaiming"), "init"),
     (lambda: Generator(32, ch=4, attention_impl="flash"), "attention_impl"),
-    (lambda: Generator(32, ch=0), "ch must be"),
+    (lambda: Generator(32, ch=0), "ch: must be >= 1, got 0"),
+    (lambda: Generator(32, ch=4.0), "ch: must be an int"),
+    (lambda: Discriminator(32, ch=4, image_channels=None), "image_channels: must be an int"),
+    (lambda: Generator(32, ch=4, sn_backend="gpu"), "sn_backend: must be one of"),
     (lambda: Discriminator(32, ch=4, n_classes=-1), "n_classes"),
-], ids=["G_res", "D_res", "G_attn", "D_attn", "sn_impl", "init", "attention_impl", "ch", "n_classes"])
+], ids=["G_res", "D_res", "G_attn", "D_attn", "sn_impl", "init", "attention_impl", "ch", "ch_float",
+        "channels_none", "backend", "n_classes"])
 def test_bad_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()

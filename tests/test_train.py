@@ -58,7 +58,8 @@ def test_cli_flags_reach_typed_fields():
                         "--no-flip", "--sync-bn", "--lr-g", "2e-4", "--d-steps", "2", "--n-classes", "10"])
     assert (cfg.model.resolution, cfg.model.ch, cfg.model.n_classes) == (64, 8, 10)
     assert (cfg.data.batch_size, cfg.data.flip) == (16, False)
-    assert (cfg.optim.bf16, cfg.optim.lr_g, cfg.optim.d_steps) == (True, 2e-4, 2)
+    assert (cfg.optim.precision, cfg.optim.lr_g, cfg.optim.d_steps) == ("bf16", 2e-4, 2)
+    assert parse_config(["--precision", "bf16", "--no-bf16"]).optim.precision == "fp32"
     assert (cfg.run.steps, cfg.run.ckpt_every, cfg.run.out, cfg.run.sync_bn) == (20, 10, "somewhere", True)
     assert parse_config(["--resume"]).run.resume == "latest"
     assert parse_config(["--no-resume"]).run.resume == "never"
@@ -79,6 +80,7 @@ def test_cli_flags_reach_typed_fields():
     (["--ema-decay", "1"], "--ema-decay: must be in"),
     (["--keep-ckpts", "0"], "--keep-ckpts: must be >= 1"),
     (["--device", "tpu"], "--device: must be"),
+    (["--precision", "fp16"], "--precision: must be one of"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_values_are_config_errors_naming_the_flag(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -304,10 +306,9 @@ def test_cpu_threads_respects_the_request_then_the_environment_then_idle_cores(m
 
 def test_discriminator_on_a_concatenated_batch_equals_two_calls():
     """The loop's D(cat([real, fake])) relies on D having no batch statistics."""
-    from sagan_fast.train.loop import build_models
+    from sagan_fast.models import build_models
 
-    cfg = tiny_config(Path("unused"))
-    _, D = build_models(cfg, image_channels=1)
+    _, D = build_models(tiny_config(Path("unused")).model, image_channels=1)
     real, fake = torch.randn(3, 1, 32, 32), torch.randn(2, 1, 32, 32)
     y_real, y_fake = torch.tensor([1, 4, 9]), torch.tensor([0, 7])
     joint = D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
@@ -326,3 +327,54 @@ def test_entry_point_reports_user_errors_without_a_traceback(tmp_path, capsys):
     assert "error: --resolution: must be one of" in capsys.readouterr().err
     assert entry.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# --- checkpoints written by earlier code --------------------------------------------------------------
+
+OLD_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_main_0635966"
+
+
+def _key_tree(d):
+    return {k: _key_tree(v) if isinstance(v, dict) and k not in ("state", "sn", "config") else None
+            for k, v in d.items()}
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tmp_path):
+    """A step-1 checkpoint of the code at commit 0635966 loads, resumes, and step 2 logs the losses
+    that run logged at step 2 (float32 rounding of another CPU aside), in a file of the same layout."""
+    old = ckpt.load_checkpoint(OLD_CHECKPOINT / "step_00000001.pt")
+    cfg = TrainConfig.from_dict(old["config"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(tmp_path), steps=2))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000001.pt").write_bytes(
+        (OLD_CHECKPOINT / "step_00000001.pt").read_bytes())
+    result = train(cfg)
+    assert result.step == 2 and result.resumed_from.name == "step_00000001.pt"
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = json.loads((OLD_CHECKPOINT / "step2_metrics.json").read_text())
+    assert logged["step"] == expected["step"] == 2
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged, expected)
+    new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
+    assert _key_tree(new) == _key_tree(old)
+    # The config holds --bf16's successor, precision; the old one converts to it.
+    assert "bf16" in old["config"]["optim"] and TrainConfig.from_dict(new["config"]) == cfg == \
+        dataclasses.replace(TrainConfig.from_dict(old["config"]), run=cfg.run)
+    for model in ("G", "D", "G_ema"):
+        assert new[model].keys() == old[model].keys(), model
+    assert new["sn"]["G"].keys() == old["sn"]["G"].keys() and new["sn"]["D"].keys() == old["sn"]["D"].keys()
+
+
+def test_the_ema_generator_rebuilds_from_the_config_a_checkpoint_holds():
+    """What load_generator(path) does: ModelConfig(**saved config), the image channels from the state
+    dict (the config leaves them to the data), a strict load of G_ema, samples."""
+    from sagan_fast.models import Generator
+
+    saved = ckpt.load_checkpoint(OLD_CHECKPOINT / "step_00000001.pt")
+    model_cfg = ModelConfig(**saved["config"]["model"])
+    assert model_cfg.image_channels is None
+    G = Generator.from_config(model_cfg, image_channels=Generator.image_channels_in(saved["G_ema"]))
+    G.load_state_dict(saved["G_ema"])  # strict: every key and shape matches
+    with torch.no_grad():
+        images = G.eval()(torch.randn(3, model_cfg.z_dim), torch.tensor([0, 4, 9]))
+    assert images.shape == (3, 1, 32, 32) and torch.isfinite(images).all() and images.std() > 0

@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import SelfAttention2d
-from ..nn.layers import ConditionalBatchNorm2d
+from ..nn.layers import ConditionalBatchNorm2d, check_class_labels
 from ..nn.spectral_norm import spectral_norm as sagan_fast_spectral_norm
-
-SN_IMPLS = ("sagan_fast", "torch", "none")
-ATTENTION_IMPLS = ("sagan_fast", "sdpa", "naive")
-INITS = ("ortho", "xavier")
+from .config import ATTENTION_IMPLS, INITS, PLAIN_ATTENTION_IMPLS, SN_IMPLS, check_choice
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -28,9 +25,15 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+def check_condition(y: torch.Tensor | None, batch: int, n_classes: int, where: str) -> None:
+    """Class labels ``y`` are given exactly when the model is class-conditional, and valid."""
+    if n_classes > 0:
+        if y is None:
+            raise ValueError(f"{where}: this model is class-conditional (n_classes={n_classes}); "
+                             "pass y, a LongTensor (B,) of class indices")
+        check_class_labels(y, batch, n_classes, where)
+    elif y is not None:
+        raise ValueError(f"{where}: y was given but this model is unconditional (n_classes=0)")
 
 
 class LayerFactory:
@@ -135,7 +138,7 @@ class PlainSelfAttention2d(SelfAttention2d):
     """
 
     def __init__(self, channels: int, impl: str = "sdpa", **kwargs) -> None:
-        check_choice("attention impl", impl, ("sdpa", "naive"))
+        check_choice("impl", impl, PLAIN_ATTENTION_IMPLS)
         super().__init__(channels, **kwargs)
         self.impl = impl
 

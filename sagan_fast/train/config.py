@@ -4,6 +4,9 @@ The command-line flags are generated from the fields (``ModelConfig.z_dim`` -> `
 their help text from the field docstrings, so a flag and its field cannot drift apart. Each section
 is built from the parsed namespace by its own field names: no ``**kwargs`` from strings, a misspelt
 flag is an argparse error, a bad value a :class:`ConfigError` naming the flag.
+
+The model section, :class:`~sagan_fast.models.ModelConfig`, lives with the models (which are built
+from it and must not depend on training); it is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,71 +19,13 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-RESOLUTIONS = (32, 64, 128, 256)
-# The choices sagan_fast.models accepts (kept here so the config imports without torch models).
-SN_IMPLS = ("sagan_fast", "torch", "none")
-ATTENTION_IMPLS = ("sagan_fast", "sdpa", "naive")
-BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
-INITS = ("ortho", "xavier")
-STEP_IMPLS = ("fast", "plain")
+from ..models.config import ConfigError, ModelConfig, fail
+from .step import PRECISIONS, PRESETS
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the flag and what is allowed."""
-
-
-def _check(cond: bool, flag: str, msg: str) -> None:
+def _check(cond: bool, field: str, problem: str) -> None:
     if not cond:
-        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
-
-
-@dataclass
-class ModelConfig:
-    """Generator and discriminator architecture (both share it)."""
-
-    resolution: int = 32
-    """Image side in pixels: 32, 64, 128 or 256."""
-    ch: int = 8
-    """Width multiplier: channels of every block are multiples of it (SAGAN-128 uses 64; the
-    default is sized for digits on a CPU)."""
-    z_dim: int = 128
-    """Size of the latent noise vector z."""
-    n_classes: int = 0
-    """0: unconditional. >0: class-conditional (conditional BN in G, projection D); the data's
-    labels must be in [0, n_classes) (digits: 10)."""
-    attn_resolution: int = 16
-    """Side of the feature map where G and D apply self-attention (a power of two <= resolution;
-    0: no attention). The paper uses 32 at 128 px; 16 keeps the default digits run cheap on a CPU."""
-    image_channels: int | None = None
-    """Image channels; default: from the data (1 for digits, 3 for an image folder)."""
-    sn_impl: str = "sagan_fast"
-    """Spectral norm: 'sagan_fast' (ours, fused), 'torch' (torch's parametrization) or 'none'."""
-    sn_backend: str | None = None
-    """Kernels of our spectral norm: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
-    attention_impl: str = "sagan_fast"
-    """Self-attention: 'sagan_fast' (our op), 'sdpa' or 'naive' (plain PyTorch baselines)."""
-    attention_backend: str | None = None
-    """Kernels of our attention op: auto, reference, triton or cuda (default: $SAGAN_FAST_BACKEND, else auto)."""
-    init: str = "ortho"
-    """Weight initialization: 'ortho' (orthogonal) or 'xavier'."""
-
-    def __post_init__(self) -> None:
-        _check(self.resolution in RESOLUTIONS, "resolution", f"must be one of {RESOLUTIONS}, got {self.resolution}")
-        _check(self.ch >= 1, "ch", f"must be >= 1, got {self.ch}")
-        _check(self.z_dim >= 1, "z_dim", f"must be >= 1, got {self.z_dim}")
-        _check(self.n_classes >= 0, "n_classes", f"must be >= 0, got {self.n_classes}")
-        a = self.attn_resolution
-        _check(a == 0 or (a >= 8 and a & (a - 1) == 0 and a <= self.resolution), "attn_resolution",
-               f"must be 0 or a power of two in [8, resolution={self.resolution}], got {a}")
-        _check(self.image_channels is None or self.image_channels >= 1, "image_channels",
-               f"must be >= 1, got {self.image_channels}")
-        _check(self.sn_impl in SN_IMPLS, "sn_impl", f"must be one of {SN_IMPLS}, got {self.sn_impl!r}")
-        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-               f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        for name in ("sn_backend", "attention_backend"):
-            value = getattr(self, name)
-            _check(value is None or value in BACKEND_CHOICES, name, f"must be one of {BACKEND_CHOICES}, got {value!r}")
-        _check(self.init in INITS, "init", f"must be one of {INITS}, got {self.init!r}")
+        fail(field, problem)
 
 
 @dataclass
@@ -125,12 +70,13 @@ class OptimConfig:
     warmed up as min(decay, (1 + n) / (10 + n)), n the steps since --ema-start."""
     ema_start: int = 0
     """Step from which the EMA averages; up to it the EMA copies G."""
-    bf16: bool = False
-    """Run forward passes under bfloat16 autocast (weights, optimizer and losses stay float32)."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': forward passes under bfloat16 autocast (weights, optimizer and losses stay
+    float32). --bf16 / --no-bf16 say the same."""
     step_impl: str = "fast"
-    """Training step: 'fast' (sagan_fast.train.fast_step: channels_last, D once on real+fake, no
-    D weight gradients in the G step, no host sync per step, torch.compile on CUDA) or 'plain'
-    (loop.train_step, eager). Both do the same math."""
+    """Training step (sagan_fast.train.step.GANStep either way, the same math): 'fast' (channels_last,
+    D once on real+fake, no D weight gradients in the G step, torch.compile on CUDA) or 'plain'
+    (every speed option off: eager, D on real then on fake)."""
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d", "adam_eps"):
@@ -140,7 +86,10 @@ class OptimConfig:
         _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
-        _check(self.step_impl in STEP_IMPLS, "step_impl", f"must be one of {STEP_IMPLS}, got {self.step_impl!r}")
+        _check(self.precision in PRECISIONS, "precision",
+               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.step_impl in PRESETS, "step_impl",
+               f"must be one of {tuple(PRESETS)}, got {self.step_impl!r}")
 
 
 @dataclass
@@ -210,11 +159,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, Any]]) -> "TrainConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are an error, not ignored."""
+        """Rebuild from :meth:`to_dict` (also of an earlier version: see ``_RENAMED``); unknown keys
+        are an error, not ignored."""
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = _SECTIONS[f.name]
             values = dict(d.get(f.name, {}))
+            for old, (new, convert) in _RENAMED.get(f.name, {}).items():
+                if old in values and new not in values:
+                    values[new] = convert(values.pop(old))
             known = {sf.name for sf in dataclasses.fields(section_cls)}
             unknown = set(values) - known
             if unknown:
@@ -224,6 +177,16 @@ class TrainConfig:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+# Fields of earlier versions (in configs that checkpoints hold): old name -> (field, conversion).
+_RENAMED: dict[str, dict[str, tuple[str, Any]]] = {
+    "optim": {"bf16": ("precision", lambda bf16: "bf16" if bf16 else "fp32")},
+}
+# Flags that set a field to a fixed value: (section, field) -> [(flag, value, help)].
+_ALIASES: dict[tuple[str, str], list[tuple[str, str, str]]] = {
+    ("optim", "precision"): [("--bf16", "bf16", "Same as --precision bf16."),
+                             ("--no-bf16", "fp32", "Same as --precision fp32.")],
+    ("run", "resume"): [("--no-resume", "never", "Same as --resume never.")],
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -275,10 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             elif section == "run" and f.name == "resume":
                 group.add_argument(_flag(f.name), nargs="?", const="latest", type=str, **kwargs)
-                group.add_argument("--no-resume", dest="run.resume", action="store_const", const="never",
-                                   help="Same as --resume never.")
             else:
                 group.add_argument(_flag(f.name), type=typ, **kwargs)
+            for flag, value, text in _ALIASES.get((section, f.name), []):
+                group.add_argument(flag, dest=kwargs["dest"], action="store_const", const=value, help=text,
+                                   default=argparse.SUPPRESS)  # the field's flag sets the default
     return parser
 
 
@@ -288,7 +252,12 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     sections = {}
     for section, section_cls in _SECTIONS.items():
         values = {f.name: ns[f"{section}.{f.name}"] for f in dataclasses.fields(section_cls)}
-        sections[section] = section_cls(**values)
+        try:
+            sections[section] = section_cls(**values)
+        except ConfigError as err:
+            if err.field is None:
+                raise
+            raise ConfigError(f"{_flag(err.field)}: {err.problem}", err.field, err.problem) from None
     return TrainConfig(**sections)
 
 

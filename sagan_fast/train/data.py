@@ -1,28 +1,42 @@
-"""Training data: scikit-learn's digits (built in) or an image folder, and a resumable sharded sampler.
+"""Training data: where batches come from, behind one object, :class:`BatchSource`.
 
-Datasets return ``(image, label, skipped)``: image (C, R, R) float32 in [-1, 1], label an int
-(0 for a folder), skipped how many unreadable files were passed over to produce this item (summed
-per batch and logged by the loop, so the count survives DataLoader worker processes). Random flips
-are not done here but on the batch in the loop, from the seeded global generator, so augmentation
-is part of the RNG state a checkpoint restores.
+Three kinds of data, which only :func:`build_dataset` and :class:`BatchSource` tell apart:
+scikit-learn's digits (built in), a folder of images, or a folder prepared once into one uint8
+array (:mod:`sagan_fast.train.prepared_data` writes it; :class:`PreparedDataset` reads it).
+
+Datasets return ``(image, label, skipped)``: image (C, R, R) float32 in [-1, 1] (a prepared one:
+uint8 (R, R, C), scaled on the device), label an int (0 for a folder), skipped how many unreadable
+files were passed over to produce this item (summed per batch and logged by the loop, so the count
+survives DataLoader worker processes). A resumable sharded sampler orders them. Random flips are
+not done per item but on the batch on the device (:func:`random_flip`, one implementation for all
+three), from the seeded global generator, so augmentation is part of the RNG state a checkpoint
+restores.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from .config import ConfigError, TrainConfig
+from .distributed import DistInfo
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# A prepared folder (see sagan_fast.train.prepared_data): DST/images.npy + DST/index.json.
+PREPARED_FORMAT = "sagan_fast.prepared_images/1"
+IMAGES_FILE = "images.npy"
+INDEX_FILE = "index.json"
 
 
 class DataError(ValueError):
@@ -128,10 +142,80 @@ class ImageFolderDataset(Dataset):
         raise DataError(f"none of the {len(self.files)} images under the data folder could be read")
 
 
+def is_prepared(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder written by :func:`prepare` (its index names our format)."""
+    index = Path(path) / INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == PREPARED_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+
+class PreparedDataset(Dataset):
+    """The prepared array: item = (uint8 (R, R, C) tensor, label 0, skipped 0); batches via ``__getitems__``.
+
+    ``skipped`` is 0 per item: unreadable files were dropped at preparation time and are counted in
+    :attr:`index` ``["skipped"]``. ``resolution`` (optional) must match the prepared one.
+    """
+
+    n_classes = 0
+
+    def __init__(self, root: str | os.PathLike, resolution: int | None = None) -> None:
+        self.root = Path(root)
+        if not is_prepared(self.root):
+            raise DataError(f"{self.root} is not a prepared dataset (no {INDEX_FILE} of format "
+                            f"{PREPARED_FORMAT}); "
+                            f"make one with `python -m sagan_fast.train.prepared_data SRC {self.root} "
+                            f"--resolution R`")
+        self.index = json.loads((self.root / INDEX_FILE).read_text())
+        if resolution is not None and resolution != self.index["resolution"]:
+            raise DataError(f"{self.root} was prepared at {self.index['resolution']} px, not {resolution}: "
+                            "prepare it again at this resolution")
+        self.resolution, self.channels = int(self.index["resolution"]), int(self.index["channels"])
+        self._images: np.ndarray | None = None  # opened lazily: per process (DataLoader workers)
+        if len(self) != self.index["count"]:
+            raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
+                            f"{self.index['count']} (a damaged copy?)")
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.root / IMAGES_FILE, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"] = None  # workers map the file themselves
+        return state
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return torch.from_numpy(np.array(self.images[index])), 0, 0
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole batch with one gather from the memory map (DataLoader uses this when present)."""
+        batch = torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
+        n = len(indices)
+        return batch, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+
+
+def collate_prepared(batch):
+    """DataLoader collate_fn for :class:`PreparedDataset`: ``__getitems__`` already built the batch."""
+    return batch
+
+
 def build_dataset(data: str, resolution: int) -> Dataset:
-    """'digits' or a folder path (see :class:`DigitsDataset`, :class:`ImageFolderDataset`)."""
+    """'digits', a prepared folder, or an image folder (see :class:`DigitsDataset`,
+    :class:`PreparedDataset`, :class:`ImageFolderDataset`)."""
     if data == "digits":
         return DigitsDataset(resolution)
+    if is_prepared(data):
+        return PreparedDataset(data, resolution)
     return ImageFolderDataset(data, resolution)
 
 
@@ -193,6 +277,24 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.position = SamplerPosition(int(state["epoch"]), int(state["batch"]))
 
 
+def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int, pin_memory: bool,
+                seed: int) -> torch.utils.data.DataLoader:
+    """The DataLoader of every dataset here, batches in ``sampler``'s order.
+
+    Its own generator (``seed``): creating a loader iterator must not draw from the global one, or a
+    resumed run (which creates one mid-epoch) would diverge from an uninterrupted run.
+    ``pin_memory`` lets the host-to-device copy run asynchronously.
+    """
+    prepared = isinstance(dataset, PreparedDataset)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        collate_fn=collate_prepared if prepared else None,  # PreparedDataset gathers whole batches
+        persistent_workers=workers > 0,
+        # uint8 batches are small: a deeper queue evens out page-cache misses of the memory map.
+        prefetch_factor=(4 if prepared else 2) if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))
+
+
 def infinite_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchSampler
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches forever, epoch after epoch, advancing ``sampler``'s position as each is consumed."""
@@ -202,7 +304,95 @@ def infinite_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchS
             yield batch
 
 
-def random_flip(images: torch.Tensor) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2 (draws from the global generator)."""
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image (B, C, H, W) left-right with probability 1/2: one draw of B uniforms from
+    ``generator`` or the global generator of the images' device."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def to_training_batch(images: torch.Tensor, device: torch.device | str | None = None, *, flip: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (B, R, R, C) -> float32 (B, C, R, R) in [-1, 1], channels_last, randomly mirrored.
+
+    Runs where ``device`` says (the GPU: the copy moves uint8 bytes, the arithmetic happens there).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"to_training_batch: expected uint8 (B, R, R, C), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last, no copy
+    if flip:
+        x = random_flip(x, generator)
+    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+
+
+class BatchSource:
+    """This rank's training batches, forever: ``next(batches)`` is ``(images, labels or None)`` on
+    the device, images float32 (B, C, R, R) in [-1, 1], mirrored at random when flips are on.
+
+    Which data (digits, an image folder, a prepared folder: uint8 NHWC batches scaled and flipped
+    on the device, channels_last) is this object's business. Its position in the data (the
+    sampler's) is what a checkpoint saves: :meth:`state_dict` / :meth:`load_state_dict`. Bad
+    settings for the data (labels, channels) are a :class:`ConfigError` naming the flag; a folder is
+    only listed here, not read.
+    """
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
+        data, model = cfg.data, cfg.model
+        self.dataset = build_dataset(data.data, model.resolution)
+        n_classes = model.n_classes
+        if n_classes > 0 and self.dataset.n_classes == 0:
+            raise ConfigError(f"--n-classes {n_classes}: the data {data.data!r} has no class labels")
+        if 0 < n_classes < self.dataset.n_classes:
+            raise ConfigError(f"--n-classes {n_classes}: the data has {self.dataset.n_classes} classes")
+        if model.image_channels is not None and model.image_channels != self.dataset.channels:
+            raise ConfigError(f"--image-channels {model.image_channels}: the data {data.data!r} has "
+                              f"{self.dataset.channels}-channel images")
+        is_digits = data.data == "digits"
+        workers = data.workers if data.workers is not None else (0 if is_digits else 4)
+        self.sampler = ShardedBatchSampler(len(self.dataset), data.batch_size, info.rank, info.world_size,
+                                           seed=cfg.run.seed)
+        self.loader = make_loader(self.dataset, self.sampler, workers=workers,
+                                  pin_memory=info.device.type == "cuda", seed=cfg.run.seed + info.rank)
+        self.channels = self.dataset.channels
+        self.flip = data.flip if data.flip is not None else not is_digits  # a mirrored digit is not a digit
+        self.device, self.labels = info.device, n_classes > 0
+        self._prepared = isinstance(self.dataset, PreparedDataset)
+        self._batches: Iterator | None = None
+        self._skipped: list[torch.Tensor] = []  # per batch; summed when asked (no sync per step)
+
+    def __iter__(self) -> "BatchSource":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._batches is None:  # at the first batch, so after a resume's load_state_dict
+            self._batches = infinite_batches(self.loader, self.sampler)
+        images, labels, skipped = next(self._batches)
+        self._skipped.append(skipped.sum())
+        if self._prepared:
+            images = to_training_batch(images, self.device, flip=self.flip)
+        else:
+            images = images.to(self.device, non_blocking=True)
+            if self.flip:
+                images = random_flip(images)
+        return images, labels.to(self.device, non_blocking=True) if self.labels else None
+
+    def take(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The next ``n`` batches (one per D update of a step)."""
+        return [next(self) for _ in range(n)]
+
+    def pop_skipped(self) -> int:
+        """Unreadable files this rank passed over since the last call."""
+        count = int(sum(int(t) for t in self._skipped))
+        self._skipped.clear()
+        return count
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._batches is not None:
+            raise RuntimeError("BatchSource.load_state_dict: batches were already taken from this source")
+        self.sampler.load_state_dict(state)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -102,7 +101,8 @@ def broadcast_buffers_once(model: nn.Module, info: DistInfo) -> None:
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP that does not re-broadcast buffers at every forward: that rewrites buffers in place,
-    which breaks SN's u when D runs before an earlier graph is backpropagated (see DESIGN.md).
+    which breaks SN's u when D runs before an earlier graph is backpropagated (docs/DESIGN.md, "How
+    the spectral-norm update works").
 
     Newer torch spells it ``forward_sync_buffers=False`` (buffers still synced once at init, which
     we want) and deprecates ``broadcast_buffers``; torch 2.11 only knows ``broadcast_buffers``.
@@ -117,11 +117,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
-
-
-def no_grad_sync(model: nn.Module):
-    """Skip DDP's gradient all-reduce for ``model`` (D's gradients in a G step are discarded)."""
-    return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:

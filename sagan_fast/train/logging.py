@@ -1,4 +1,5 @@
-"""Run logging on rank 0: TensorBoard scalars, a JSONL file (one object per log step), a tqdm bar.
+"""Run logging: step statistics summed on the device (:class:`ScalarMeter`), and on rank 0
+TensorBoard scalars, a JSONL file (one object per log step), a tqdm bar (:class:`RunLogger`).
 
 Other ranks get a logger that does nothing, so the loop calls it unconditionally.
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -85,3 +89,26 @@ class RunLogger:
         if self._jsonl is not None:
             self._jsonl.close()
         self._writer = self._bar = self._jsonl = None
+
+
+class ScalarMeter:
+    """Sums each step's statistics on the device; reads them back (one sync) only when logging."""
+
+    def __init__(self, names: Sequence[str], device: torch.device, step: int) -> None:
+        self.names = tuple(names)
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.count, self.t0, self.step0 = 0, time.perf_counter(), step
+
+    def add(self, stats: Mapping[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([stats[name] for name in self.names])
+        self.count += 1
+
+    def read(self, step: int, images_per_step: int) -> dict[str, float]:
+        """Means since the last read, and ``images_per_s`` over that time."""
+        means = (self.sums / max(self.count, 1)).tolist()
+        now = time.perf_counter()
+        out = dict(zip(self.names, means))
+        out["images_per_s"] = (step - self.step0) * images_per_step / max(now - self.t0, 1e-9)
+        self.sums.zero_()
+        self.count, self.t0, self.step0 = 0, now, step
+        return out

@@ -7,11 +7,12 @@ once for the same reason. Here the prepared form is a folder::
     DST/images.npy   uint8 (N, R, R, C), NHWC: one memory-mapped array, one gather per batch
     DST/index.json   format, resolution, count, channels, source, skipped files
 
-``images.npy`` is read through ``np.load(mmap_mode="r")``: the OS page cache serves every worker
-process and rank from one copy. NHWC on disk is what channels_last wants on the GPU: the uint8
-batch goes to the device as is (a quarter of float32's bytes) and
-:func:`to_training_batch` turns it into a float NCHW channels_last view in [-1, 1] with random flips,
-on the GPU.
+``images.npy`` is read through ``np.load(mmap_mode="r")``
+(:class:`sagan_fast.train.data.PreparedDataset`, which ``--data DST`` uses): the OS page cache
+serves every worker process and rank from one copy. NHWC on disk is what channels_last wants on the
+GPU: the uint8 batch goes to the device as is (a quarter of float32's bytes) and
+:func:`~sagan_fast.train.data.to_training_batch` turns it into a float NCHW channels_last view in
+[-1, 1] with random flips, on the GPU.
 
 The decoding and cropping are :class:`sagan_fast.train.data.ImageFolderDataset`'s (imported, not
 copied), so a prepared dataset holds the very pixels the folder dataset would produce; an
@@ -32,29 +33,16 @@ import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .data import DataError, ImageFolderDataset, ShardedBatchSampler
+# The reading side lives with the other datasets (sagan_fast.train.data); re-exported here.
+from .data import IMAGES_FILE, INDEX_FILE, DataError, ImageFolderDataset, PreparedDataset, is_prepared
+from .data import PREPARED_FORMAT as FORMAT
+from .data import to_training_batch
 
-FORMAT = "sagan_fast.prepared_images/1"
-IMAGES_FILE = "images.npy"
-INDEX_FILE = "index.json"
 _UNREADABLE = (OSError, ValueError, SyntaxError)  # what data.ImageFolderDataset skips
-
-
-def is_prepared(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a folder written by :func:`prepare` (its index names our format)."""
-    index = Path(path) / INDEX_FILE
-    if not index.is_file():
-        return False
-    try:
-        return json.loads(index.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
 
 
 def _init_decode_worker() -> None:
@@ -153,102 +141,6 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, 
     return index
 
 
-class PreparedDataset(Dataset):
-    """The prepared array: item = (uint8 (R, R, C) tensor, label 0, skipped 0); batches via ``__getitems__``.
-
-    ``skipped`` is 0 per item: unreadable files were dropped at preparation time and are counted in
-    :attr:`index` ``["skipped"]``. ``resolution`` (optional) must match the prepared one.
-    """
-
-    n_classes = 0
-
-    def __init__(self, root: str | os.PathLike, resolution: int | None = None) -> None:
-        self.root = Path(root)
-        if not is_prepared(self.root):
-            raise DataError(f"{self.root} is not a prepared dataset (no {INDEX_FILE} of format {FORMAT}); "
-                            f"make one with `python -m sagan_fast.train.prepared_data SRC {self.root} "
-                            f"--resolution R`")
-        self.index = json.loads((self.root / INDEX_FILE).read_text())
-        if resolution is not None and resolution != self.index["resolution"]:
-            raise DataError(f"{self.root} was prepared at {self.index['resolution']} px, not {resolution}: "
-                            "prepare it again at this resolution")
-        self.resolution, self.channels = int(self.index["resolution"]), int(self.index["channels"])
-        self._images: np.ndarray | None = None  # opened lazily: per process (DataLoader workers)
-        if len(self) != self.index["count"]:
-            raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
-                            f"{self.index['count']} (a damaged copy?)")
-
-    @property
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.load(self.root / IMAGES_FILE, mmap_mode="r")
-        return self._images
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_images"] = None  # workers map the file themselves
-        return state
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return torch.from_numpy(np.array(self.images[index])), 0, 0
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A whole batch with one gather from the memory map (DataLoader uses this when present)."""
-        batch = torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
-        n = len(indices)
-        return batch, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
-
-
-def collate_prepared(batch):
-    """DataLoader collate_fn for :class:`PreparedDataset`: ``__getitems__`` already built the batch."""
-    return batch
-
-
-def make_loader(dataset: PreparedDataset, sampler: ShardedBatchSampler, *, workers: int = 2,
-                pin_memory: bool | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Batches ``(uint8 (B, R, R, C), labels (B,), skipped (B,))`` in the sampler's order.
-
-    Workers each gather whole batches from the memory map; ``pin_memory`` (default: CUDA available)
-    lets the host-to-device copy run asynchronously.
-    """
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_prepared, pin_memory=pin,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed))
-
-
-def to_training_batch(images: torch.Tensor, device: torch.device | str | None = None, *, flip: bool = True,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, R, R, C) -> float32 (B, C, R, R) in [-1, 1], channels_last, randomly mirrored.
-
-    Runs where ``device`` says (the GPU: the copy moves uint8 bytes, the arithmetic happens there).
-    Flips draw from ``generator`` or the global generator of that device, one draw of B uniforms,
-    like :func:`sagan_fast.train.data.random_flip`.
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"to_training_batch: expected uint8 (B, R, R, C), got {images.dtype} {tuple(images.shape)}")
-    if device is not None:
-        images = images.to(device, non_blocking=True)
-    x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last, no copy
-    if flip:
-        mirror = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-    return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
-
-
-def prepared_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchSampler
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches forever, advancing ``sampler``'s position as each is consumed (resumable)."""
-    while True:
-        for batch in loader:
-            sampler.advance()
-            yield batch
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sagan_fast.train.prepared_data",
@@ -266,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.dst}: {index['count']} images at {index['resolution']} px, {index['skipped']} unreadable skipped")
     return 0
+
+
+__all__ = ["FORMAT", "IMAGES_FILE", "INDEX_FILE", "PreparedDataset", "is_prepared", "main", "prepare",
+           "to_training_batch"]
 
 
 if __name__ == "__main__":
