@@ -86,16 +86,14 @@ def _image_channels(g_state: dict[str, torch.Tensor], path: Path) -> int:
 
 
 def _build_generator(model_cfg: dict[str, Any], image_channels: int) -> nn.Module:
-    """The one place a Generator is built from a saved model config (swap in
-    Generator.from_config when it exists). Kernel backends are left to 'auto': the saved choice
-    (cuda, say) is about speed on the training machine, not the math."""
-    from .models import Generator
+    """The generator a saved model config describes. Kernel backends are left to 'auto': the saved
+    choice (cuda, say) is about speed on the training machine, not the math."""
+    import dataclasses
 
-    m = model_cfg
-    return Generator(resolution=m["resolution"], ch=m["ch"], z_dim=m["z_dim"], n_classes=m["n_classes"],
-                     attn_resolution=m["attn_resolution"] or None, image_channels=image_channels,
-                     sn_impl=m["sn_impl"], attention_backend=None, init=m["init"],
-                     attention_impl=m["attention_impl"], sn_backend=None)
+    from .models import Generator, ModelConfig
+
+    cfg = dataclasses.replace(ModelConfig(**model_cfg), sn_backend=None, attention_backend=None)
+    return Generator.from_config(cfg, image_channels=image_channels)
 
 
 def load_generator_with_info(path: str | os.PathLike, device: str | torch.device = "cpu"
