@@ -455,7 +455,9 @@ def main(argv=None) -> int:
             shape = (16 if on_gpu else 2, n, n, 16, 128)
             label = f"sweep {side}x{side} C=128"
             say(f"{label} {shape} {sweep_dtype}")
-            impls = {name: impl for name, impl in implementations(device, sweep_dtype, backends, args.flex).items()
+            # --quick: FlexAttention at the main shapes only (each sweep size is a compilation).
+            impls = {name: impl for name, impl in implementations(device, sweep_dtype, backends,
+                                                                  args.flex and not args.quick).items()
                      if not name.endswith(("(tf32)", "(tf32x3)", "(deterministic)"))}
             sweep_rows += [r for r in bench_group(label, shape, sweep_dtype, impls, device, args, report,
                                                   modes=()) if r.get("fwd_bwd_ms") is not None]

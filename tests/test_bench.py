@@ -4,6 +4,9 @@ attention benchmark's rows (bench/attention.py) on tiny CPU shapes."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,3 +71,18 @@ def test_cost_model_rows_count_the_design_shape():
     assert len(fwd) == 1 and fwd[0]["GFLOP"] == pytest.approx(2 * 64 * 1024 * 1024 * 288 / 1e9)
     paths = {r["path"] for r in report.rows if r["phase"] == "bwd"}
     assert paths == {"fused+atomic-dq", "fused+dq-kernel", "split+atomic-dq", "split+dq-kernel"}
+
+
+def test_gpu_check_script_dry_run_lists_every_step(tmp_path):
+    """kernels/tests/gpu_check.sh without a GPU: its step logic runs, nothing is executed, and
+    the summary JSON names every step."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(repo / "kernels" / "tests" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["build_extension", "extension_has_cuda", "pytest_gpu",
+                                                     "bench_attention", "bench_spectral_norm", "ctest",
+                                                     "bench_train_step"]
+    assert "bench/attention.py --quick --json" in proc.stdout and "kernel_resources.py" in proc.stdout
