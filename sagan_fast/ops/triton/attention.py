@@ -408,9 +408,12 @@ def _attn_bwd_dq_kernel(
 # num_stages), the first one the default. BLOCK_M counts query rows, BLOCK_N keys; for dk / dq
 # BLOCK_DV is the chunk of the dO v^T reduction (a chunk >= the padded Ev keeps v / dO loaded),
 # for dkdv it is always the padded Ev; BLOCK_DV is clamped to the padded Ev. Untimed guesses (no
-# GPU when they were written), kept only if they compile for sm_90 with no register spill at
-# both DESIGN.md shapes in both layouts, with the JIT's launch specialization:
-# bench/kernel_resources.py prints them, tests/test_kernel_resources.py holds it. The key-block
+# GPU when they were written), kept only if ptxas reports no register spill for sm_90 with the
+# JIT's launch specialization at both DESIGN.md shapes, both layouts, every dtype and dot
+# precision (bench/kernel_resources.py, triton 3.8: all ~520 variants clean);
+# tests/test_kernel_resources.py holds it for every candidate at the anchor shape in bf16 and IEEE
+# fp32 and for the defaults elsewhere. (The 64-query-row fused dk + dv tiles spilled 88-1040 bytes
+# once dq moved in, so the fused kernel takes 16 or 32 query rows per step.) The key-block
 # kernels put keys on the rows of every product: 128 keys with 8 warps, 64 with 4 (a warp group
 # owns 64 rows of a wgmma).
 _CANDIDATES = {
@@ -460,7 +463,7 @@ def fused_dkdv_fits(Ev: int, dtype: torch.dtype, interpreted: bool = False) -> b
     """Whether the one-pass dk + dv kernel applies: 16-bit inputs whose padded Ev fits one tile
     (<= 256) on a GPU; under the interpreter, any dtype whose Ev fits its 32-wide tile (so the
     tests run both kernels). fp32 / fp64 use the split kernels on a GPU: with fp32 operands the
-    fused tile spilled kilobytes per thread even at Ev = 128 (ptxas -v)."""
+    fused tile spilled ~80 KB per thread at Ev = 256 (ptxas -v, sm_90)."""
     if interpreted:
         return _padded(Ev) <= _INTERPRETER["BLOCK_DV"]
     return dtype in (torch.float16, torch.bfloat16) and _padded(Ev) <= 256
