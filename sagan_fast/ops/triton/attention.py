@@ -412,7 +412,7 @@ def _attn_bwd_dq_kernel(
 # JIT's launch specialization at both DESIGN.md shapes, both layouts, every dtype and dot
 # precision (bench/kernel_resources.py, triton 3.8: all ~520 variants clean);
 # tests/test_kernel_resources.py holds it for every candidate at the anchor shape in bf16 and IEEE
-# fp32 and for the defaults elsewhere. (The 64-query-row fused dk + dv tiles spilled 88-1040 bytes
+# fp32 and for the defaults elsewhere. (Fused dk + dv tiles of 64 or 128 query rows spilled up to ~1 KB
 # once dq moved in, so the fused kernel takes 16 or 32 query rows per step.) The key-block
 # kernels put keys on the rows of every product: 128 keys with 8 warps, 64 with 4 (a warp group
 # owns 64 rows of a wgmma).
