@@ -90,7 +90,8 @@ class _deterministic:
     """torch.use_deterministic_algorithms(True) within the block (our backward reads it when it runs)."""
 
     def __enter__(self):
-        self.old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        self.old = (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     def __exit__(self, *exc):
@@ -292,7 +293,8 @@ def bench_group(label, shape, dtype, impls: dict, device, args, report, modes=("
         status = "ok" + ("" if backward else f" (forward only: {impl.no_backward})")
         status += "".join(f"; {f}" for f in flags + ([inconsistent] if inconsistent else []))
         row = dict(base, impl=name, fwd_ms=ms("fwd"), bwd_ms=ms("bwd"), fwd_bwd_ms=ms("fwd+bwd"),
-                   fwd_spread=_spread(t["fwd"]), bwd_spread=_spread(t["bwd"]), fwd_bwd_spread=_spread(t["fwd+bwd"]),
+                   fwd_spread=_spread(t["fwd"]), bwd_spread=_spread(t["bwd"]),
+                   fwd_bwd_spread=_spread(t["fwd+bwd"]),
                    fwd_TFLOPs=tflops("fwd", flops_fwd(shape)), bwd_TFLOPs=tflops("bwd", flops_bwd(shape)),
                    fwd_bwd_TFLOPs=tflops("fwd+bwd", flops_fwd(shape) + flops_bwd(shape)),
                    peak_MiB=peak, rel_err_vs_fp64=err, status=status)
@@ -301,7 +303,8 @@ def bench_group(label, shape, dtype, impls: dict, device, args, report, modes=("
         report.add(**row)
         rows.append(row)
         say(f"  {name:34s} {base['dtype']}: " + ", ".join(f"{m} {t[m].fmt()}" for m in t if t[m] is not None)
-            + (f", peak {peak:.0f} MiB" if peak is not None else "") + (f", err {err:.2g}" if err is not None else "")
+            + (f", peak {peak:.0f} MiB" if peak is not None else "")
+            + (f", err {err:.2g}" if err is not None else "")
             + (f" [{inconsistent}]" if inconsistent else ""))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -344,13 +347,15 @@ def cost_model_rows(shapes: dict, dtypes: list, report: Report) -> None:
     for label, shape in shapes.items():
         for dtype in dtypes:
             B, N, Nk, E, Ev = shape
-            q, k, v = (torch.empty(B, n, c, device="meta", dtype=dtype) for n, c in ((N, E), (Nk, E), (Nk, Ev)))
+            q, k, v = (torch.empty(B, n, c, device="meta", dtype=dtype)
+                       for n, c in ((N, E), (Nk, E), (Nk, Ev)))
             for path in tri.backward_paths(q, k, v):
                 for c in tri.plan_costs(q, k, v, backward_path=path):
                     if c["phase"] == "fwd" and path != tri.backward_paths(q, k, v)[0]:
                         continue
-                    report.add(shape=label, B=B, N=N, Nk=Nk, E=E, Ev=Ev, dtype=str(dtype).replace("torch.", ""),
-                               impl="sagan_fast triton (cost model)", kind="kernel", phase=c["phase"],
+                    report.add(shape=label, B=B, N=N, Nk=Nk, E=E, Ev=Ev,
+                               dtype=str(dtype).replace("torch.", ""), impl="sagan_fast triton (cost model)",
+                               kind="kernel", phase=c["phase"],
                                path=c["path"], kernel=c["kernel"], config=c["config"], GFLOP=c["flops"] / 1e9,
                                MB=c["bytes"] / 1e6, atomic_MB=c["atomic_bytes"] / 1e6, kernel_ms=None,
                                status="not timed: no GPU")
@@ -363,7 +368,8 @@ def plot(sweep_rows: list[dict], path: Path, card_name: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed"
-    rows = [r for r in sweep_rows if str(r.get("status", "")).startswith("ok") and r.get("fwd_bwd_ms") is not None]
+    rows = [r for r in sweep_rows
+            if str(r.get("status", "")).startswith("ok") and r.get("fwd_bwd_ms") is not None]
     if not rows:
         return "plot skipped: no successful sweep rows"
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -441,8 +447,8 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         for label, shape in shapes.items():
             say(f"{label} {tuple(shape)} {dtype}")
-            bench_group(label, shape, dtype, implementations(device, dtype, backends, args.flex), device, args,
-                        report)
+            impls = implementations(device, dtype, backends, args.flex)
+            bench_group(label, shape, dtype, impls, device, args, report)
     if not on_gpu and "triton" in args.backends.split(","):
         gpu_shapes = dict(list(GPU_SHAPES.items())[:1]) if args.quick else GPU_SHAPES
         cost_model_rows(gpu_shapes, [torch.bfloat16, torch.float32], report)
@@ -462,22 +468,25 @@ def main(argv=None) -> int:
             sweep_rows += [r for r in bench_group(label, shape, sweep_dtype, impls, device, args, report,
                                                   modes=()) if r.get("fwd_bwd_ms") is not None]
 
-    main_rows = Report(report.benchmark, report.card, report.args, [r for r in report.rows if r.get("kind") != "kernel"])
+    main_rows = Report(report.benchmark, report.card, report.args,
+                       [r for r in report.rows if r.get("kind") != "kernel"])
     kernel_rows = Report("attention kernels", report.card, report.args,
                          [r for r in report.rows if r.get("kind") == "kernel"])
     columns = ["shape", "impl", "dtype", "fwd_ms", "fwd_spread", "bwd_ms", "bwd_spread", "fwd_bwd_ms",
-               "fwd_bwd_spread", "fwd_TFLOPs", "bwd_TFLOPs", "fwd_bwd_TFLOPs", "fwd_GFLOP", "bwd_GFLOP", "fwd_MB",
-               "bwd_MB", "peak_MiB", "rel_err_vs_fp64", "status"]
+               "fwd_bwd_spread", "fwd_TFLOPs", "bwd_TFLOPs", "fwd_bwd_TFLOPs", "fwd_GFLOP", "bwd_GFLOP",
+               "fwd_MB", "bwd_MB", "peak_MiB", "rel_err_vs_fp64", "status"]
     table = main_rows.markdown(columns)
     if kernel_rows.rows:
-        table += "\n\n" + kernel_rows.markdown(["shape", "dtype", "impl", "phase", "path", "kernel", "config", "GFLOP", "MB",
-                                                 "atomic_MB", "kernel_ms", "TFLOPs", "GBs", "status"])
+        table += "\n\n" + kernel_rows.markdown(["shape", "dtype", "impl", "phase", "path", "kernel", "config",
+                                                 "GFLOP", "MB", "atomic_MB", "kernel_ms", "TFLOPs", "GBs",
+                                                 "status"])
     notes = ("\n\nms: median of interleaved rounds, spread p20-p80 (NOISY: (p80 - p20) / median above "
-             "bench.common.NOISY_SPREAD; INCONSISTENT: fwd + bwd timed apart vs fwd+bwd differ by > 50%); TFLOP/s "
-             "with fwd = 2 B N Nk (E + Ev), bwd = 2 B N Nk (3 E + 2 Ev); GFLOP / MB: our launches' own counts (MB: "
-             "global loads + stores of all programs, L2 serves repeats); peak MiB: forward + backward above the "
-             f"inputs; rel_err: max over out, dq, dk, dv of max|x - x64| / max|x64| on the first {ERROR_BATCH} batch "
-             "items. fp32 rows use IEEE fp32 dots except '(tf32x3)' and '(tf32)'. Sweep rows: fwd+bwd only.")
+             "bench.common.NOISY_SPREAD; INCONSISTENT: fwd + bwd timed apart vs fwd+bwd differ by > 50%); "
+             "TFLOP/s with fwd = 2 B N Nk (E + Ev), bwd = 2 B N Nk (3 E + 2 Ev); GFLOP / MB: our launches' "
+             "own counts (MB: global loads + stores of all programs, L2 serves repeats); peak MiB: forward + "
+             "backward above the inputs; rel_err: max over out, dq, dk, dv of max|x - x64| / max|x64| on the "
+             f"first {ERROR_BATCH} batch items. fp32 rows use IEEE fp32 dots except '(tf32x3)' and '(tf32)'. "
+             "Sweep rows: fwd+bwd only.")
     if not on_gpu:
         notes += " CPU run: CPU implementations only, small sizes, not comparable with the GPU targets."
     path = report.save_json(args.json)

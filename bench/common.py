@@ -47,7 +47,8 @@ class Timing:
 
     def fmt(self) -> str:
         """'1.23 ms [1.2-1.3]' with ' NOISY' when flagged."""
-        return f"{self.median_ms:.4g} ms [{self.p20_ms:.3g}-{self.p80_ms:.3g}]" + (" NOISY" if self.noisy else "")
+        text = f"{self.median_ms:.4g} ms [{self.p20_ms:.3g}-{self.p80_ms:.3g}]"
+        return text + (" NOISY" if self.noisy else "")
 
 
 def _timing(samples: list[float], device: torch.device) -> Timing:

@@ -2,7 +2,7 @@
 shared memory, warp-group MMA (wgmma) and the widest global load of each variant.
 
     python bench/kernel_resources.py                    # every variant (~520, ~10 min cold on 2 cores)
-    python bench/kernel_resources.py --ci               # the variants CI checks (tests/test_kernel_resources.py)
+    python bench/kernel_resources.py --ci               # what CI checks (tests/test_kernel_resources.py)
     python bench/kernel_resources.py --json out.json --jobs 4 --no-cuda
 
 Triton kernels are compiled with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` exactly
@@ -72,7 +72,8 @@ ATTENTION_SHAPES = {
     "G32x32 B64 N1024 E32 Ev256": (64, 1024, 1024, 32, 256),
     "G64x64 B32 N4096 E16 Ev128": (32, 4096, 4096, 16, 128),
 }
-ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                    "fp64": torch.float64}
 LAYOUTS = ("channel-major", "channels_last")
 
 
@@ -123,8 +124,8 @@ def _cache_key(src, options) -> str:
 
 
 _PTX_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)+)")
-_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],"
-                           r"\s*(\d+)")
+_PTX_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\w:]+)*"
+                           r"\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
 
 
 def ptx_counts(ptx: str) -> dict:
@@ -252,10 +253,10 @@ def attention_variants(shapes=None, dtypes=None, layouts=LAYOUTS, candidates: st
     for shape_name, shape in shapes.items():
         for dtype_name, dtype in dtypes.items():
             for precision in (precisions or tri.FP32_PRECISIONS) if dtype == torch.float32 else ("ieee",):
-                label = dtype_name if precision == "ieee" or dtype != torch.float32 else f"{dtype_name} {precision}"
+                label = dtype_name if precision == "ieee" else f"{dtype_name} {precision}"
                 for layout in layouts:
-                    variants += _attention_layout_variants(tri, shape_name, shape, dtype, label, precision, layout,
-                                                           candidates)
+                    variants += _attention_layout_variants(tri, shape_name, shape, dtype, label, precision,
+                                                           layout, candidates)
     return variants
 
 
@@ -357,7 +358,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 
 def _short_cuda_name(demangled: str) -> tuple[str, str]:
-    """('attention_forward_kernel', '__half') from 'void sagan_fast::...::attention_forward_kernel<__half>(...)'."""
+    """('attention_forward_kernel', '__half') from 'void ...::attention_forward_kernel<__half>(...)'."""
     m = re.search(r"(\w+)<(.*?)>\(", demangled)
     if not m:
         return re.sub(r"\(.*", "", demangled).split("::")[-1], ""
@@ -380,7 +381,8 @@ def sass_counts(sass: str) -> dict[str, dict]:
                 if q in ("128", "64", "U16", "S16", "U8", "S8"):
                     size = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[q]
             widest = max(widest, size)
-        out[name] = dict(mma=len(re.findall(r"\bHMMA\b", body)), cp_async=len(re.findall(r"\bLDGSTS\b", body)),
+        out[name] = dict(mma=len(re.findall(r"\bHMMA\b", body)),
+                         cp_async=len(re.findall(r"\bLDGSTS\b", body)),
                          max_load_bytes=widest, wgmma=len(re.findall(r"\bHGMMA\b", body)),
                          atomics=len(re.findall(r"\b(?:RED|ATOM)G?\b", body)))
     return out
@@ -400,7 +402,7 @@ def cuda_rows(cache: dict, nvcc: str | None = None) -> tuple[list[dict], str | N
              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
              *setup_extension.nvcc_gencode_flags(["90"]), "-Xptxas", "-v", "-I", str(REPO / "kernels")]
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
     rows = []
     for source in sorted((REPO / "kernels").glob("*.cu")):
         text = source.read_text() + (REPO / "kernels" / "common.cuh").read_text()
@@ -413,7 +415,8 @@ def cuda_rows(cache: dict, nvcc: str | None = None) -> tuple[list[dict], str | N
                 if proc.returncode != 0:
                     raise RuntimeError(f"nvcc failed on {source.name}:\n{proc.stderr[-3000:]}")
                 sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True).stdout
-                ptx_listed = subprocess.run([cuobjdump, "-lptx", str(obj)], capture_output=True, text=True).stdout
+                ptx_listed = subprocess.run([cuobjdump, "-lptx", str(obj)], capture_output=True,
+                                            text=True).stdout
             info = parse_ptxas_log(proc.stdout + proc.stderr)
             counts = sass_counts(sass)
             names = _demangle(list(info))
@@ -442,8 +445,10 @@ def ci_variants() -> list[Variant]:
     anchor, other = (dict([item]) for item in ATTENTION_SHAPES.items())
     bf16_fp32 = {k: ATTENTION_DTYPES[k] for k in ("bf16", "fp32")}
     variants = attention_variants(anchor, bf16_fp32, candidates="all", precisions=("ieee",))
-    variants += attention_variants(anchor, {k: ATTENTION_DTYPES[k] for k in ("fp16", "fp64")}, candidates="default")
-    variants += attention_variants(anchor, {"fp32": torch.float32}, candidates="default", precisions=("tf32", "tf32x3"))
+    variants += attention_variants(anchor, {k: ATTENTION_DTYPES[k] for k in ("fp16", "fp64")},
+                                   candidates="default")
+    variants += attention_variants(anchor, {"fp32": torch.float32}, candidates="default",
+                                   precisions=("tf32", "tf32x3"))
     variants += attention_variants(other, bf16_fp32, candidates="default", precisions=("ieee",))
     return variants + spectral_norm_variants()
 
@@ -500,7 +505,8 @@ def compile_all(variants: list[Variant], jobs: int = 1, cache_path: Path | None 
                     progress(f"[{n + 1}/{len(todo)}] {rows[i]['kernel']} {rows[i]['candidate']}")
         for (i, key) in todo:
             if "error" not in rows[i]:
-                cache[key] = {k: v for k, v in rows[i].items() if k not in variants[i].labels and k != "cached"}
+                cache[key] = {k: v for k, v in rows[i].items()
+                              if k not in variants[i].labels and k != "cached"}
         if cache_path:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
@@ -547,7 +553,8 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(rows))
-    print(f"\n{len(rows)} rows in {elapsed:.0f} s ({report['compiled']} compiled, the rest cached); wrote {path}",
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s ({report['compiled']} compiled, the rest cached); "
+          f"wrote {path}",
           file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
 

@@ -83,7 +83,8 @@ def _device():
 @pytest.fixture
 def deterministic(request):
     """torch.use_deterministic_algorithms(request.param) for the test, restored after."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    old = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(request.param, warn_only=True)
     yield request.param
     torch.use_deterministic_algorithms(old[0], warn_only=old[1])
@@ -184,7 +185,8 @@ def _gpu_paths(dtype):
         tri._interpreted = interpreted
 
 
-@pytest.mark.parametrize("dtype, path", [(d, p) for d in (torch.float32, torch.float16) for p in _gpu_paths(d)],
+@pytest.mark.parametrize("dtype, path",
+                         [(d, p) for d in (torch.float32, torch.float16) for p in _gpu_paths(d)],
                          ids=lambda x: DTYPE_IDS.get(x, x))
 def test_every_gpu_launch_candidate_computes_the_same_result(monkeypatch, dtype, path):
     """Every backward path the GPU may take (fused or split dk / dv; dq by atomics or its own
@@ -195,7 +197,8 @@ def test_every_gpu_launch_candidate_computes_the_same_result(monkeypatch, dtype,
     original = tri._candidate_configs
     shape = (1, 70, 45, 24, 72)   # Ev = 72: one 128 slice or two 64 slices; N, Nk not block multiples
     q, k, v, dout = _make(*shape, dtype, device=_device())
-    kinds = ["fwd", "dkdv" if path.startswith("fused") else "dv"] + (["dq"] if path.endswith("dq-kernel") else [])
+    kinds = ["fwd", "dkdv" if path.startswith("fused") else "dv"]
+    kinds += ["dq"] if path.endswith("dq-kernel") else []
     kinds += [] if path.startswith("fused") else ["dk"]
     longest = max(len(original(kind, shape[3], shape[4], dtype)) for kind in kinds)
     launched = []
@@ -293,9 +296,11 @@ def test_backward_flops_approach_three_and_a_half_forwards():
     assert sum(r["flops"] for r in default if r["phase"] == "fwd") == pytest.approx(fwd)
     total = sum(r["flops"] for r in default) / fwd
     assert total == pytest.approx((4 * E + 3 * Ev) / (E + Ev), rel=1e-3) and total <= 3.5
-    assert sum(r["flops"] for r in deterministic) / fwd == pytest.approx((5 * E + 4 * Ev) / (E + Ev), rel=1e-3)
+    expected = (5 * E + 4 * Ev) / (E + Ev)
+    assert sum(r["flops"] for r in deterministic) / fwd == pytest.approx(expected, rel=1e-3)
     assert [r["kernel"] for r in default] == ["_attn_fwd_kernel", "_attn_bwd_delta_kernel",
-                                              "_attn_bwd_dkdv_kernel +atomic dq", "dq copy (fp32 -> dq dtype)"]
+                                              "_attn_bwd_dkdv_kernel +atomic dq",
+                                              "dq copy (fp32 -> dq dtype)"]
     assert all(r["bytes"] > 0 for r in default)
 
 

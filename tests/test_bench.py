@@ -78,8 +78,8 @@ def test_gpu_check_script_dry_run_lists_every_step(tmp_path):
     the summary JSON names every step."""
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY_RUN="1")
-    proc = subprocess.run(["bash", str(repo / "kernels" / "tests" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(["bash", str(repo / "kernels" / "tests" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["step"] for s in summary["steps"]] == ["build_extension", "extension_has_cuda", "pytest_gpu",

@@ -32,8 +32,8 @@ HOPPER_SMEM_BYTES = 227 * 1024
 def report(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("kernel_resources") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_resources.py"), "--ci", "--json", str(path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    command = [sys.executable, str(REPO / "bench" / "kernel_resources.py"), "--ci", "--json", str(path)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"kernel_resources.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(path.read_text())
 
@@ -81,13 +81,14 @@ def test_16bit_attention_kernels_use_warp_group_mma(report):
 
 
 def test_shared_memory_fits_hopper(report):
-    over = [(_name(r), r["shared_bytes"]) for r in report["rows"] if (r.get("shared_bytes") or 0) > HOPPER_SMEM_BYTES]
+    over = [(_name(r), r["shared_bytes"]) for r in report["rows"]
+            if (r.get("shared_bytes") or 0) > HOPPER_SMEM_BYTES]
     assert not over, over
 
 
-@pytest.mark.xfail(strict=True, reason="the multi-tensor SN kernels read W through int64 pointer tables with no "
-                   "alignment hints (4-byte loads); the hints come with the spectral-norm rework (issue 13, "
-                   "second task); strict: this test fails once they land, so the marker goes then")
+@pytest.mark.xfail(strict=True, reason="the multi-tensor SN kernels read W through int64 pointer tables with "
+                   "no alignment hints (4-byte loads); the hints come with the spectral-norm rework (issue "
+                   "13, second task); strict: this test fails once they land, so the marker goes then")
 def test_spectral_norm_kernels_issue_16_byte_loads(report):
     rows = [r for r in _triton(report) if not r["kernel"].startswith("_attn")]
     assert rows

@@ -208,7 +208,8 @@ def _attn_bwd_dv_kernel(
         mask_m = offs_m < N
         _, p_t = _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe,
                               LSE + off_b * N, qk_scale_log2, INPUT_PRECISION, ACC)
-        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_dv[None, :],
+                     other=0.0)
         acc += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
     tl.store(DV + off_b * stride_dvb + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dve,
              acc.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
@@ -323,7 +324,8 @@ def _attn_bwd_dkdv_kernel(
         mask_m = offs_m < N
         q_t, p_t = _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe,
                                 LSE + off_b * N, qk_scale_log2, INPUT_PRECISION, ACC)
-        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_c[None, :],
+                     other=0.0)
         delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
         acc_dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC)
@@ -452,7 +454,9 @@ _INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, num_warps=4, num_stages
 
 
 def _family(dtype: torch.dtype) -> str:
-    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp64" if dtype == torch.float64 else "fp32"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    return "fp64" if dtype == torch.float64 else "fp32"
 
 
 def _padded(n: int) -> int:
@@ -524,7 +528,8 @@ class Launch:
         return c
 
     def label(self, config: dict) -> str:
-        blocks = " ".join(f"{k.split('_')[1]}{config[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_DV") if k in config)
+        blocks = " ".join(f"{k.split('_')[1]}{config[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_DV")
+                          if k in config)
         return f"{self.kind} {blocks} w{config['num_warps']} s{config['num_stages']}"
 
     def variant_suffix(self) -> str:
@@ -730,18 +735,21 @@ def backward_plan(dout, q, k, v, out, lse, scale: float, fp32_precision: str, pa
     acc_dtype = accumulation_dtype(q.dtype)
     qk_scale_log2 = float(scale) * LOG2E
     dims = (B, N, Nk, E, Ev)
-    fixed = dict(BLOCK_E=_padded(E), INPUT_PRECISION=_input_precision(q.dtype, fp32_precision), ACC=_acc(q.dtype))
+    fixed = dict(BLOCK_E=_padded(E), INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
+                 ACC=_acc(q.dtype))
     delta = torch.empty((B, N), dtype=acc_dtype, device=q.device)
     dq, dk, dv = _empty_grads(q, k, v)
     dq_acc = None
     if atomic:
         # The atomics add in the accumulation dtype: into dq itself when that is its dtype.
         dq = _empty_in_layout_of(q, tuple(q.shape), zeros=True) if acc_dtype == q.dtype else dq
-        dq_acc = None if acc_dtype == q.dtype else _empty_in_layout_of(q, tuple(q.shape), acc_dtype, zeros=True)
+        if acc_dtype != q.dtype:
+            dq_acc = _empty_in_layout_of(q, tuple(q.shape), acc_dtype, zeros=True)
     dq_sum = dq if dq_acc is None else dq_acc
 
     def key(kind):
-        return _tuning_key(kind, q, k, v, fp32_precision, "atomic-dq" if atomic and kind in ("dkdv", "dk") else "")
+        dq_mode = "atomic-dq" if atomic and kind in ("dkdv", "dk") else ""
+        return _tuning_key(kind, q, k, v, fp32_precision, dq_mode)
 
     def key_blocks(c):
         return (triton.cdiv(Nk, c["BLOCK_N"]), B)
@@ -901,7 +909,8 @@ def launch_costs(launch: Launch, config: dict | None = None) -> dict:
         flops = pairs * (2 * E + Ev)
         programs = B * math.ceil(N / bm)
         do_reads = 1 if bdv >= _padded(Ev) else math.ceil(Nk / bn)
-        nbytes = programs * (bm * (E * s + 2 * a) + do_reads * bm * Ev * s + Nk * (E + Ev) * s) + B * N * E * s
+        per_program = bm * (E * s + 2 * a) + do_reads * bm * Ev * s + Nk * (E + Ev) * s
+        nbytes = programs * per_program + B * N * E * s
     else:
         raise ValueError(f"launch_costs: unknown kind {launch.kind!r}")
     return dict(kernel=launch.kernel.__name__ + launch.variant_suffix(), config=launch.label(config),
