@@ -64,6 +64,23 @@ def test_attention_bench_rows_on_cpu():
         assert all(r[f"{m}_ms"] > 0 and r[f"{m}_spread"] for m in ("fwd", "bwd", "fwd_bwd"))
 
 
+def test_attention_bench_our_triton_rows_in_the_interpreter():
+    """Our rows (default and deterministic backward) with their per-launch FLOP / byte rows; the
+    Triton interpreter stands in for the GPU (not a timing: the interpreter is not timed)."""
+    args = argparse.Namespace(quick=True, errors=True)
+    report = Report("attention", {"name": "cpu"}, {})
+    impls = {name: impl for name, impl in bench_attention.implementations(CPU, torch.float16, ["triton"]).items()
+             if name.startswith("sagan_fast triton")}
+    assert list(impls) == ["sagan_fast triton", "sagan_fast triton (deterministic)"]
+    rows = bench_attention.bench_group("tiny", (1, 40, 36, 16, 24), torch.float16, impls, CPU, args, report)
+    assert [r["status"][:2] for r in rows] == ["ok", "ok"]
+    assert [r["bwd_path"] for r in rows] == ["fused+atomic-dq", "fused+dq-kernel"]
+    assert all(r["rel_err_vs_fp64"] < 2e-2 and r["fwd_GFLOP"] > 0 for r in rows)
+    kernels = [(r["impl"], r["kernel"]) for r in report.rows if r.get("kind") == "kernel"]
+    assert ("sagan_fast triton", "_attn_bwd_dkdv_kernel +atomic dq") in kernels
+    assert ("sagan_fast triton (deterministic)", "_attn_bwd_dq_kernel") in kernels
+
+
 def test_cost_model_rows_count_the_design_shape():
     report = Report("attention", {"name": "cpu"}, {})
     bench_attention.cost_model_rows({"G": (64, 1024, 1024, 32, 256)}, [torch.bfloat16], report)
