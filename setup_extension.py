@@ -2,7 +2,8 @@
 
 - torch without CUDA (or no nvcc): a C++ extension with the CPU implementations only.
 - torch with CUDA and nvcc: also ``csrc/*.cu`` and the framework-free kernels ``kernels/*.cu``,
-  for sm_80 and sm_90 by default.
+  for sm_80 and sm_90 by default, plus the PTX of the newest arch (``compute_90``), which the
+  driver compiles for newer GPUs (forward compatibility).
 
 Environment:
     SAGAN_FAST_CUDA_ARCHS   compute capabilities to build for, e.g. "9.0" or "8.0;9.0" or "80,90"
@@ -36,6 +37,15 @@ def cuda_archs() -> list[str]:
     return archs
 
 
+def nvcc_gencode_flags(archs: list[str]) -> list[str]:
+    """-gencode flags: SASS for each arch in ``archs`` (["80", "90"]), and PTX for the newest."""
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    newest = max(archs, key=int)
+    return flags + ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+
+
 def _relative(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -58,9 +68,8 @@ def extension_modules():
     if use_cuda():
         sources += _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
         sources += _relative(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSAGAN_FAST_WITH_CUDA"]
-        for arch in cuda_archs():
-            nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSAGAN_FAST_WITH_CUDA",
+                      *nvcc_gencode_flags(cuda_archs())]
         ext = CUDAExtension("sagan_fast._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags + ["-DSAGAN_FAST_WITH_CUDA"],
                                                 "nvcc": nvcc_flags})

@@ -1,8 +1,13 @@
 """What every benchmark script shares: timing, memory, the card's identity, JSON and markdown output.
 
-GPU timings use ``triton.testing.do_bench`` (median with 0.2 / 0.8 quantiles, L2 flushed between
-runs). On a machine with no GPU the CPU fallback times with ``time.perf_counter`` (median of
-repeats) and every report says that the numbers are CPU numbers.
+Timing (:func:`time_interleaved`, and :func:`time_fn` for one function): every figure is the
+median of repeats taken in interleaved rounds (each round runs every function once, in a rotated
+order), with its 20 / 80 % quantiles and a ``noisy`` flag when (p80 - p20) / median passes
+NOISY_SPREAD, so a load change on the machine hits all functions alike instead of one of them.
+On a GPU each round's sample is ``triton.testing.do_bench`` (L2 flushed, its own repeats); on a
+machine with no GPU ``time.perf_counter`` around one call, and every report says that the numbers
+are CPU numbers. :func:`consistency_flag` says when a fwd + bwd figure disagrees with fwd and
+bwd timed apart (the self-contradictory rows of a noisy shared CPU).
 """
 
 from __future__ import annotations
@@ -23,29 +28,83 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+# (p80 - p20) / median above which a figure is flagged noisy.
+NOISY_SPREAD = {"cuda": 0.10, "cpu": 0.25}
+
+
 @dataclass
 class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    samples: int = 0
+    noisy: bool = False
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def fmt(self) -> str:
+        """'1.23 ms [1.2-1.3]' with ' NOISY' when flagged."""
+        text = f"{self.median_ms:.4g} ms [{self.p20_ms:.3g}-{self.p80_ms:.3g}]"
+        return text + (" NOISY" if self.noisy else "")
+
+
+def _timing(samples: list[float], device: torch.device) -> Timing:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
+    t = Timing(statistics.median(samples), q[0], q[3], len(samples))
+    t.noisy = t.spread > NOISY_SPREAD.get(device.type, 0.25)
+    return t
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device, warmup_ms: float = 25,
+                     rep_ms: float = 100, rounds: int = 5, cpu_reps: int | None = None) -> dict[str, Timing]:
+    """Median and 20 / 80 % quantiles (ms) of each function, from ``rounds`` interleaved rounds.
+
+    GPU: each round gives each function ``rep_ms / rounds`` of do_bench repeats (all kept as
+    samples) after one ``warmup_ms`` warm-up per function. CPU: one call per function per round
+    (``cpu_reps`` rounds if given), after one warm-up call each.
+    """
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        for n in names:
+            do_bench(fns[n], warmup=warmup_ms, rep=1)
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                got = do_bench(fns[n], warmup=0, rep=max(1.0, rep_ms / rounds), return_mode="all")
+                samples[n] += [float(x) for x in got]
+        return {n: _timing(samples[n], device) for n in names}
+    for n in names:
+        fns[n]()  # warm-up (allocations, lazy init)
+    for r in range(cpu_reps or rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: _timing(samples[n], device) for n in names}
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device, warmup_ms: float = 25,
             rep_ms: float = 100, cpu_reps: int = 5) -> Timing:
-    """Median (and 20/80 % quantiles) of ``fn()`` in milliseconds on ``device``."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(*map(float, q))
-    fn()  # warm-up (allocations, lazy init)
-    samples = []
-    for _ in range(cpu_reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
-    return Timing(statistics.median(samples), q[0], q[3])
+    """Median (and 20/80 % quantiles, noisy flag) of ``fn()`` in milliseconds on ``device``."""
+    return time_interleaved({"fn": fn}, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                            cpu_reps=cpu_reps)["fn"]
+
+
+def consistency_flag(fwd: Timing | None, bwd: Timing | None, fwd_bwd: Timing | None,
+                     tolerance: float = 0.5) -> str | None:
+    """A note when fwd + bwd (timed apart) and fwd+bwd (timed together) differ by more than
+    ``tolerance`` of the larger, else None."""
+    if fwd is None or bwd is None or fwd_bwd is None:
+        return None
+    parts, whole = fwd.median_ms + bwd.median_ms, fwd_bwd.median_ms
+    if abs(parts - whole) > tolerance * max(parts, whole):
+        return f"INCONSISTENT: fwd + bwd = {parts:.3g} ms vs fwd+bwd {whole:.3g} ms"
+    return None
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:

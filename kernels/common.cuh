@@ -90,7 +90,7 @@ __device__ Acc block_sum(Acc x, Acc* scratch) {
   return scratch[32];
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace detail
 }  // namespace kernels

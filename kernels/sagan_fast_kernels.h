@@ -85,15 +85,21 @@ struct AttentionProblem {
 constexpr int64_t kMaxHeadDim = 128;
 constexpr int kMaxLayersPerLaunch = 24;
 
-// Flash-style forward: never forms the (N, Nk) matrix. Writes out (B, N, Ev) and lse (B, N)
+// Flash-style forward (two passes over the keys: statistics, then P V into register
+// accumulators): never forms the (N, Nk) matrix. Writes out (B, N, Ev) and lse (B, N)
 // contiguous, acc type: the natural-log logsumexp of each row of scale * q k^T (for the backward).
 cudaError_t sagan_attention_forward(const AttentionProblem& p, Strided3 q, Strided3 k, Strided3 v,
                                     MutableStrided3 out, void* lse, cudaStream_t stream);
 
 size_t sagan_attention_backward_workspace_bytes(const AttentionProblem& p);
 
+// Dynamic shared memory per block of each attention kernel (opted in above 48 KiB at launch;
+// cudaErrorInvalidConfiguration when the device has less). For reports and tests.
+enum class AttentionKernel : int { kForward = 0, kDqDk = 1, kDv = 2 };
+size_t sagan_attention_shared_bytes(const AttentionProblem& p, AttentionKernel which);
+
 // Backward by recomputation from lse: delta = rowsum(dO * O), then dq, dk, dv by three kernels
-// that each own their output tile (no atomics, deterministic).
+// that each own their output tile (register accumulators, no atomics, deterministic).
 cudaError_t sagan_attention_backward(const AttentionProblem& p, Strided3 q, Strided3 k, Strided3 v, Strided3 out,
                                      Strided3 grad_out, const void* lse, MutableStrided3 grad_q,
                                      MutableStrided3 grad_k, MutableStrided3 grad_v, void* workspace,

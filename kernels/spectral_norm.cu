@@ -7,6 +7,7 @@
 //   finalize kernel: t = sum_chunks(part) / max(|y|, eps); v = t / max(|t|, eps);
 //                    u = y / max(|y|, eps); sigma = |t|^2 / max(|t|, eps)   (a block per layer)
 // Using t = W^T y / |y| (instead of W^T u) lets the cols kernel run without the norm of y.
+// Normalize backward: a partial-sum launch, then the fused apply (2-D and division-free for dim 0).
 // Every sum has a fixed order (no atomics): equal inputs give bitwise equal u, v on every rank.
 #include <algorithm>
 #include <vector>
@@ -171,8 +172,17 @@ __global__ void __launch_bounds__(kElementwiseThreads) sn_dot_partial_kernel(con
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// grad_w = (grad - (<grad, w> / sigma) u v^T) / sigma; every block sums the partials itself, in
-// the same order, so all see the same <grad, w> without another launch.
+// <grad, W_sn> = sum of the partials / sigma; every block sums the partials itself, in the same
+// order, so all see the same value without another launch.
+template <typename Acc>
+__device__ Acc inner_product(const Acc* __restrict__ partial, int num_partials, Acc s, Acc* scratch) {
+  Acc acc = 0;
+  for (int i = threadIdx.x; i < num_partials; i += blockDim.x) acc += partial[i];
+  return detail::block_sum(acc, scratch) / s;
+}
+
+// grad_w = (grad - (<grad, w> / sigma) u v^T) / sigma over the flat index of a contiguous
+// (A, R, Bi) weight: 4 int64 div/mod per element, for dims > 0 (A > 1; transposed convs).
 template <typename T>
 __global__ void __launch_bounds__(kElementwiseThreads) sn_backward_apply_kernel(
     const T* __restrict__ grad, const T* __restrict__ u, const T* __restrict__ v, int64_t R, int64_t Bi, int64_t n,
@@ -180,16 +190,36 @@ __global__ void __launch_bounds__(kElementwiseThreads) sn_backward_apply_kernel(
     T* __restrict__ grad_w) {
   using Acc = Acc_t<T>;
   __shared__ Acc scratch[33];
-  Acc acc = 0;
-  for (int i = threadIdx.x; i < num_partials; i += blockDim.x) acc += partial[i];
   const Acc s = *sigma;
-  const Acc inner = detail::block_sum(acc, scratch) / s;  // <grad, W_sn>
+  const Acc inner = inner_product(partial, num_partials, s, scratch);  // <grad, W_sn>
   const Acc inv_s = Acc(1) / s;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     // contiguous (A, R, Bi): i = (a * R + r) * Bi + b, matrix column c = a * Bi + b
     const int64_t b = i % Bi, ar = i / Bi, r = ar % R, a = ar / R;
     const Acc uv = TypeOps<T>::to_acc(u[r]) * TypeOps<T>::to_acc(v[a * Bi + b]);
     grad_w[i] = TypeOps<T>::from_acc((TypeOps<T>::to_acc(grad[i]) - inner * uv) * inv_s);
+  }
+}
+
+// The same for dim 0 (A == 1: every conv, linear and embedding weight of SAGAN): row r of the
+// (R, Bi) matrix is contiguous, u[r] one value per row and the column index is v's index, so a
+// 2-D grid (column blocks x rows) needs no division.
+template <typename T>
+__global__ void __launch_bounds__(kElementwiseThreads) sn_backward_apply_rows_kernel(
+    const T* __restrict__ grad, const T* __restrict__ u, const T* __restrict__ v, int64_t R, int64_t Bi,
+    const Acc_t<T>* __restrict__ sigma, const Acc_t<T>* __restrict__ partial, int num_partials,
+    T* __restrict__ grad_w) {
+  using Acc = Acc_t<T>;
+  __shared__ Acc scratch[33];
+  const Acc s = *sigma;
+  const Acc inner = inner_product(partial, num_partials, s, scratch);
+  const Acc inv_s = Acc(1) / s;
+  for (int64_t r = blockIdx.y; r < R; r += gridDim.y) {
+    const Acc inner_u = inner * TypeOps<T>::to_acc(u[r]);
+    const T* g = grad + r * Bi;
+    T* out = grad_w + r * Bi;
+    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < Bi; b += int64_t(gridDim.x) * blockDim.x)
+      out[b] = TypeOps<T>::from_acc((TypeOps<T>::to_acc(g[b]) - inner_u * TypeOps<T>::to_acc(v[b])) * inv_s);
   }
 }
 
@@ -265,9 +295,20 @@ cudaError_t normalize_backward_impl(const void* grad, const void* weight, const 
   Acc* partial = static_cast<Acc*>(workspace);
   sn_dot_partial_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(static_cast<const T*>(grad),
                                                                         static_cast<const T*>(weight), n, partial);
-  sn_backward_apply_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, stream>>>(
-      static_cast<const T*>(grad), static_cast<const T*>(u), static_cast<const T*>(v), R, Bi, n,
-      static_cast<const Acc*>(sigma), partial, blocks, static_cast<T*>(grad_weight));
+  if (A == 1) {
+    // As many blocks as the flat launch: column blocks of 4 elements a thread, rows grid-strided.
+    const int64_t col_blocks = std::min<int64_t>(ceil_div(Bi, kElementwiseThreads * 4), 65535);
+    const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>({ceil_div(elementwise_blocks(n), col_blocks), R,
+                                                                         65535}));
+    sn_backward_apply_rows_kernel<T><<<dim3(unsigned(col_blocks), unsigned(row_blocks)), kElementwiseThreads, 0,
+                                       stream>>>(static_cast<const T*>(grad), static_cast<const T*>(u),
+                                                 static_cast<const T*>(v), R, Bi, static_cast<const Acc*>(sigma),
+                                                 partial, blocks, static_cast<T*>(grad_weight));
+  } else {
+    sn_backward_apply_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(u), static_cast<const T*>(v), R, Bi, n,
+        static_cast<const Acc*>(sigma), partial, blocks, static_cast<T*>(grad_weight));
+  }
   return cudaGetLastError();
 }
 

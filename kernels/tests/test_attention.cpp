@@ -126,7 +126,10 @@ int main(int argc, char** argv) {
   const Case cases[] = {
       {1, 37, 37, 5, 11, 1.0, false},     {3, 19, 45, 8, 13, 0.37, false}, {2, 130, 70, 32, 200, 1.0, false},
       {2, 97, 131, 59, 111, 0.125, true}, {1, 65, 64, 128, 512, 0.05, false}, {2, 64, 257, 16, 8, 1.0, true},
-      {2, 40, 50, 16, 32, 1.0, false},  // E, Ev multiples of 8: the 16-byte load path
+      {2, 40, 50, 16, 32, 1.0, false},  // E, Ev multiples of 8: the 16-byte load path (cp.async)
+      // Ev = 128: two backward Ev chunks (an even count: the double buffers alternate per stage,
+      // the moving tiles per loop tile), cp.async path and the transposed one.
+      {1, 23, 70, 16, 128, 0.5, false}, {1, 23, 70, 16, 128, 0.5, true},
   };
   const DType dtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
   int failures = 0;

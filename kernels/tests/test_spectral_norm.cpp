@@ -21,7 +21,8 @@ double at(const std::vector<double>& w, const Weight& s, int64_t r, int64_t c) {
 }
 
 bool run(DType dt, int n_iter, std::mt19937_64& rng) {
-  std::vector<Weight> shapes = {{1, 13, 7}, {1, 64, 27}, {5, 6, 9}, {1, 1, 300}, {1, 300, 1}, {16, 33, 1}, {1, 70, 130}};
+  std::vector<Weight> shapes = {{1, 13, 7},  {1, 64, 27},  {5, 6, 9},   {1, 1, 300},
+                                {1, 300, 1}, {16, 33, 1},  {1, 70, 130}, {1, 3, 2500}};
   while (shapes.size() < 30) shapes.push_back({1 + int64_t(shapes.size() % 3), 3 + int64_t(shapes.size()), 5});
   const double eps = 1e-12;
   const int L = int(shapes.size());
@@ -80,35 +81,37 @@ bool run(DType dt, int n_iter, std::mt19937_64& rng) {
     ok &= test::check_close((base + " sigma").c_str(), {sigmas[l]}, {sigma}, dt == DType::kFloat64 ? tol : 1e-5);
   }
 
-  // normalize forward / backward on layer 2 (A > 1) with the sigma just computed.
-  const int l = 2;
-  const Weight& s = shapes[l];
-  const int64_t n = s.A * s.R * s.Bi;
-  const auto u_now = test::decode(du[l]->download(), dt), v_now = test::decode(dv[l]->download(), dt);
-  const auto grad = test::rounded(test::randn(n, rng), dt);
-  test::DeviceBuffer d_out(n * test::dtype_size(dt)), d_grad(test::encode(grad, dt)), d_gw(n * test::dtype_size(dt));
-  test::DeviceBuffer sigma_one(acc);
-  TEST_CUDA(cudaMemcpy(sigma_one.ptr, static_cast<char*>(sig.ptr) + l * acc, acc, cudaMemcpyDeviceToDevice));
-  TEST_CUDA(K::spectral_norm_normalize_forward(dt, dw[l]->ptr, n, sigma_one.ptr, d_out.ptr, nullptr));
-  const size_t bws = K::spectral_norm_normalize_backward_workspace_bytes(dt, n);
-  test::DeviceBuffer d_bws(bws);
-  TEST_CUDA(K::spectral_norm_normalize_backward(dt, d_grad.ptr, dw[l]->ptr, du[l]->ptr, dv[l]->ptr, sigma_one.ptr,
-                                                s.A, s.R, s.Bi, d_gw.ptr, d_bws.ptr, bws, nullptr));
-  TEST_CUDA(cudaDeviceSynchronize());
-  std::vector<double> w_sn(n), gw(n);
-  double inner = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    w_sn[i] = w[l][i] / sigmas[l];
-    inner += grad[i] * w_sn[i];
+  // normalize forward / backward with the sigmas just computed: layer 2 (A > 1, the flat
+  // kernel), and dim-0 layers (A = 1, the division-free 2-D kernel): short rows, 70 rows of 130,
+  // and rows of 2500 (several column blocks).
+  for (const int l : {2, 1, 6, 7}) {
+    const Weight& s = shapes[l];
+    const int64_t n = s.A * s.R * s.Bi;
+    const auto u_now = test::decode(du[l]->download(), dt), v_now = test::decode(dv[l]->download(), dt);
+    const auto grad = test::rounded(test::randn(n, rng), dt);
+    test::DeviceBuffer d_out(n * test::dtype_size(dt)), d_grad(test::encode(grad, dt)), d_gw(n * test::dtype_size(dt));
+    test::DeviceBuffer sigma_one(acc);
+    TEST_CUDA(cudaMemcpy(sigma_one.ptr, static_cast<char*>(sig.ptr) + l * acc, acc, cudaMemcpyDeviceToDevice));
+    TEST_CUDA(K::spectral_norm_normalize_forward(dt, dw[l]->ptr, n, sigma_one.ptr, d_out.ptr, nullptr));
+    const size_t bws = K::spectral_norm_normalize_backward_workspace_bytes(dt, n);
+    test::DeviceBuffer d_bws(bws);
+    TEST_CUDA(K::spectral_norm_normalize_backward(dt, d_grad.ptr, dw[l]->ptr, du[l]->ptr, dv[l]->ptr, sigma_one.ptr,
+                                                  s.A, s.R, s.Bi, d_gw.ptr, d_bws.ptr, bws, nullptr));
+    TEST_CUDA(cudaDeviceSynchronize());
+    std::vector<double> w_sn(n), gw(n);
+    double inner = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      w_sn[i] = w[l][i] / sigmas[l];
+      inner += grad[i] * w_sn[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = i % s.Bi, r = (i / s.Bi) % s.R, a = i / (s.Bi * s.R);
+      gw[i] = (grad[i] - inner * u_now[r] * v_now[a * s.Bi + b]) / sigmas[l];
+    }
+    const std::string name = std::string(test::dtype_name(dt)) + " layer " + std::to_string(l) + " normalize";
+    ok &= test::check_close((name + " forward").c_str(), test::decode(d_out.download(), dt), w_sn, tol);
+    ok &= test::check_close((name + " backward").c_str(), test::decode(d_gw.download(), dt), gw, tol);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t b = i % s.Bi, r = (i / s.Bi) % s.R, a = i / (s.Bi * s.R);
-    gw[i] = (grad[i] - inner * u_now[r] * v_now[a * s.Bi + b]) / sigmas[l];
-  }
-  ok &= test::check_close((std::string(test::dtype_name(dt)) + " normalize forward").c_str(),
-                          test::decode(d_out.download(), dt), w_sn, tol);
-  ok &= test::check_close((std::string(test::dtype_name(dt)) + " normalize backward").c_str(),
-                          test::decode(d_gw.download(), dt), gw, tol);
   for (int i = 0; i < L; ++i) {
     delete dw[i];
     delete du[i];

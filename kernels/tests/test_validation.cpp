@@ -42,6 +42,21 @@ int main() {
   expect_invalid("normalize backward refuses A = 0",
                  K::spectral_norm_normalize_backward(K::DType::kFloat32, dummy, dummy, dummy, dummy, dummy, 0, 2, 2,
                                                      dummy, dummy, 1 << 20, nullptr));
+  // Dynamic shared memory of every attention kernel fits a Hopper block (227 KiB) at the largest
+  // supported E; printed at the DESIGN shape (E=32, Ev=256) for the record.
+  for (K::DType dt : {K::DType::kFloat16, K::DType::kBFloat16, K::DType::kFloat32, K::DType::kFloat64}) {
+    for (int64_t E : {int64_t(32), K::kMaxHeadDim}) {
+      const K::AttentionProblem prob{dt, 64, 1024, 1024, E, 256, 1.0};
+      for (K::AttentionKernel which : {K::AttentionKernel::kForward, K::AttentionKernel::kDqDk, K::AttentionKernel::kDv}) {
+        const size_t bytes = K::sagan_attention_shared_bytes(prob, which);
+        const bool fits = bytes > 0 && bytes <= 227 * 1024;
+        if (E == 32 || !fits)
+          std::printf("%s %s attention kernel %d, E=%lld: %zu bytes of shared memory\n", fits ? "ok  " : "FAIL",
+                      test::dtype_name(dt), int(which), (long long)E, bytes);
+        failures += !fits;
+      }
+    }
+  }
   const bool ws_ok = K::spectral_norm_workspace_bytes(K::DType::kFloat64, &layer, 1) >= (2 + 4 + 4) * 8;
   std::printf("%s power iteration workspace covers y, partial sums and v\n", ws_ok ? "ok  " : "FAIL");
   failures += !ws_ok;

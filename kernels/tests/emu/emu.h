@@ -5,6 +5,11 @@
 // bytes (NaN), so reading a value no thread wrote shows up as NaN in the results; with
 // -fsanitize=address every out-of-bounds global or shared access is reported.
 //
+// Asynchronous copies (cp.async through the __pipeline_* primitives of cuda_pipeline.h) land in
+// shared memory only when the issuing thread waits for their group (__pipeline_wait_prior), so a
+// tile read before its wait (or, under ThreadSanitizer, before the __syncthreads after it) shows
+// up as stale data / a race; copies never waited for by the end of a block abort the run.
+//
 // This checks indexing, masking, synchronization and the math of the kernels, not their speed,
 // nor anything the real hardware does differently (memory model, real mma rounding).
 #pragma once
@@ -16,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -120,6 +126,23 @@ struct Block {
 };
 inline thread_local Block* current = nullptr;
 
+// cp.async state of the current CUDA thread: copies of the open group, then committed groups.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, zfill;
+};
+inline thread_local std::vector<AsyncCopy> open_copies;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed_copies;
+
+inline void check_no_pending_copies() {
+  if (!open_copies.empty() || !committed_copies.empty()) {
+    std::fprintf(stderr, "emulated cp.async: thread %u of block (%u, %u, %u) ended with copies it never waited for\n",
+                 threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
+    std::abort();
+  }
+}
+
 inline unsigned char* dynamic_smem() {
   assert(reinterpret_cast<uintptr_t>(current->smem.data()) % 16 == 0);
   return current->smem.data();
@@ -145,6 +168,7 @@ void launch(F kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... 
         current = &state;
         blockIdx = dim3(i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y));
         kernel(args...);
+        check_no_pending_copies();
         // An exited thread no longer takes part in barriers (as on the GPU).
         state.warps[t / 32]->bar.arrive_and_drop();
         state.bar.arrive_and_drop();
@@ -170,6 +194,32 @@ U __shfl_xor_sync(unsigned, U x, int offset) {
   std::memcpy(&y, w.slots[lane ^ offset], sizeof(U));
   w.bar.arrive_and_wait();
   return y;
+}
+
+// ---------------------------------------------------------------- cp.async (cuda_pipeline.h)
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill = 0) {
+  // The hardware's rules: 4, 8 or 16 bytes, both addresses aligned to the size.
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || zfill > bytes || reinterpret_cast<uintptr_t>(dst) % bytes ||
+      reinterpret_cast<uintptr_t>(src) % bytes) {
+    std::fprintf(stderr, "emulated cp.async: bad copy of %zu bytes (zfill %zu) from %p to %p\n", bytes, zfill, src,
+                 dst);
+    std::abort();
+  }
+  emu::open_copies.push_back({dst, src, bytes, zfill});
+}
+inline void __pipeline_commit() {
+  emu::committed_copies.push_back(std::move(emu::open_copies));
+  emu::open_copies.clear();
+}
+// Completes every committed group but the `allowed` newest ones (copies land now).
+inline void __pipeline_wait_prior(size_t allowed) {
+  while (emu::committed_copies.size() > allowed) {
+    for (const emu::AsyncCopy& c : emu::committed_copies.front()) {
+      std::memcpy(c.dst, c.src, c.bytes - c.zfill);
+      std::memset(static_cast<unsigned char*>(c.dst) + (c.bytes - c.zfill), 0, c.zfill);
+    }
+    emu::committed_copies.pop_front();
+  }
 }
 
 // ---------------------------------------------------------------- WMMA

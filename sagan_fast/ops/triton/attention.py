@@ -5,15 +5,26 @@ q (B, N, E), k (B, Nk, E), v (B, Nk, Ev) -> out (B, N, Ev); E != Ev (SAGAN: E = 
 Forward (flash-style): each program owns BLOCK_M query rows and one BLOCK_DV slice of the value
 channels, streams the keys in blocks with an online softmax (exp2, fp32 statistics and
 accumulator; fp64 for fp64) and writes its output slice plus one base-2 logsumexp per row. No
-B x N x Nk tensor exists, forward or backward. When Ev needs several slices, each slice recomputes q k^T: that costs E / BLOCK_DV
-of the p v work (E = 32 against 256 in SAGAN), cheaper than holding a B x N x Ev accumulator.
+B x N x Nk tensor exists, forward or backward. When Ev needs several slices, each slice recomputes
+q k^T: that costs E / BLOCK_DV of the p v work (E = 32 against 256 in SAGAN), cheaper than holding
+a B x N x Ev accumulator. On a GPU 16-bit inputs default to 128 query rows and 8 warps: each warp
+group owns 64 rows of every product (64-row tiles made both groups repeat q k^T).
 
-Backward (recompute from the logsumexp, delta = rowsum(dO * O) first), no atomics:
-- dk and dv: for 16-bit inputs whose padded Ev fits one tile (<= 256), one program per key block
-  sums p^T dO and ds^T q (ds = p * (dO v^T - delta)) in one pass over the queries;
-  otherwise (or when timing on the GPU finds it faster) two kernels: dv per (key block, value
-  slice), dk per key block with dO v^T reduced over Ev in chunks, so any Ev fits;
-- dq: one program per query block sums ds k, dO v^T reduced over Ev in chunks.
+Backward (recompute from the logsumexp, delta = rowsum(dO * O) first). The key-block kernels work
+key-major (s^T = k q^T, so p^T and ds^T come out of one product in the layout the next product
+takes, no transposed register tiles), and each program owns one key block:
+- 16-bit inputs whose padded Ev fits one tile (<= 256): one kernel sums dv = p^T dO and
+  dk = ds^T q (ds = p * (dO v^T - delta)) in one pass over the queries, and adds ds k to dq with
+  fp32 atomics (relaxed; 16-bit dq goes through an fp32 buffer). Per key block and query block it
+  computes q k^T, p^T dO, v dO^T, ds^T q, ds k: 3E + 2Ev multiply-adds per (query, key) pair
+  against the forward's E + Ev, so fwd + bwd = 896 / 288 = 3.1x the forward at E=32, Ev=256
+  (flash-attention's 3.5x is for E = Ev);
+- otherwise (or when timing on the GPU finds it faster): dv per (key block, value slice), and dk
+  (+ the same atomic dq) per key block with v dO^T reduced over Ev in chunks, so any Ev fits.
+- With ``torch.use_deterministic_algorithms(True)`` dq has no atomics: a query-major kernel per
+  query block sums ds k itself (recomputing q k^T and dO v^T: fwd + bwd = 4.1x the forward), so
+  gradients are bitwise reproducible. That kernel reads its dO rows once, not once per key block,
+  when Ev fits one tile.
 
 Strides are arbitrary (stride 0 and the channel-major view ``h.flatten(2).transpose(1, 2)`` of a
 1x1-conv output are read in place). The output takes v's layout: channel-major values give a
@@ -32,8 +43,12 @@ None means "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is set, else th
 variable SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee". fp64 runs in fp64 (used by gradcheck).
 
 Launch settings: on a GPU each kernel's block sizes / warps / stages are picked on first use per
-(shape, dtype) among a few candidates, timed with triton.testing.do_bench (``_launch``;
-SAGAN_FAST_TRITON_AUTOTUNE=0 keeps the defaults). Under the interpreter one small fixed setting.
+(card, shape, layout, dtype) among a few candidates (``_CANDIDATES``), timed with
+triton.testing.do_bench, and so is the backward path (fused or split);
+SAGAN_FAST_TRITON_AUTOTUNE=0 keeps the first candidate. Under DDP, call
+:func:`broadcast_tuning` once after the first step so every rank runs rank 0's choices.
+``bench/kernel_resources.py`` compiles every candidate for sm_90 and reports its registers,
+spills and shared memory. Under the interpreter one small fixed setting.
 
 Registered as ``torch.ops.sagan_fast_triton.attention_fwd`` / ``attention_bwd`` (custom_op +
 register_fake + register_autograd), so torch.compile traces it as one opaque op.
@@ -42,9 +57,11 @@ register_fake + register_autograd), so torch.compile traces it as one opaque op.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
+from typing import Any, Callable
 
 import torch
 import triton
@@ -148,20 +165,16 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe, stride_vn,
-              stride_ve, EV, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """dO[rows] v[cols]^T (BLOCK_M, BLOCK_N) in fp32, reduced over Ev in BLOCK_DV chunks."""
-    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for start_c in range(0, EV, BLOCK_DV):
-        offs_c = start_c + tl.arange(0, BLOCK_DV)
-        mask_c = offs_c < EV
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_c[None, :] * stride_doe,
-                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_c[None, :] * stride_ve,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        dp += tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC)
-    return dp
+def _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe, LSE_B,
+                 qk_scale_log2, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """(q^T (BLOCK_E, BLOCK_M), p^T (BLOCK_N, BLOCK_M)) for one query block: p^T = exp2(k q^T - lse)
+    with p = 0 on padded keys and rows (+inf lse on padded rows)."""
+    q_t = tl.load(q_base + offs_e[:, None] * stride_qe + offs_m[None, :] * stride_qn,
+                  mask=mask_e[:, None] & mask_m[None, :], other=0.0)
+    lse2 = tl.load(LSE_B + offs_m, mask=mask_m, other=float("inf"))
+    s_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    return q_t, tl.where(mask_n[:, None], p_t, 0.0)
 
 
 @triton.jit
@@ -187,62 +200,87 @@ def _attn_bwd_dv_kernel(
     mask_dv = offs_dv < EV
     k = tl.load(K + off_b * stride_kb + cols[:, None] * stride_kn + offs_e[None, :] * stride_ke,
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    q_base = Q + off_b * stride_qb
+    do_base = DO + off_b * stride_dob + offs_dv[None, :] * stride_doe
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
-                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
-        # +inf lse on padded rows makes their p exactly 0.
-        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_doe,
-                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        _, p_t = _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe,
+                              LSE + off_b * N, qk_scale_log2, INPUT_PRECISION, ACC)
+        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_dv[None, :],
+                     other=0.0)
+        acc += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
     tl.store(DV + off_b * stride_dvb + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dve,
              acc.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
 
 
 @triton.jit
+def _atomic_dq(ds_t, k, DQ_B, offs_m, mask_m, offs_e, mask_e, stride_dqn, stride_dqe, scale,
+               INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dq[rows] += scale * ds k, relaxed fp32 (fp64) atomics: the key blocks' order is not fixed."""
+    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=INPUT_PRECISION, out_dtype=ACC) * scale
+    tl.atomic_add(DQ_B + offs_m[:, None] * stride_dqn + offs_e[None, :] * stride_dqe, dq,
+                  mask=mask_m[:, None] & mask_e[None, :], sem="relaxed")
+
+
+@triton.jit
 def _attn_bwd_dk_kernel(
-    Q, K, V, DO, LSE, DELTA, DK,
+    Q, K, V, DO, LSE, DELTA, DK, DQ,
     stride_qb, stride_qn, stride_qe,
     stride_kb, stride_kn, stride_ke,
     stride_vb, stride_vn, stride_ve,
     stride_dob, stride_don, stride_doe,
     stride_dkb, stride_dkn, stride_dke,
+    stride_dqb, stride_dqn, stride_dqe,
     N, NK, E, EV, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    EV_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """dk[cols] = scale * sum over query rows of ds^T q, ds = p * (dO v^T - delta)."""
+    """dk[cols] = scale * sum over query rows of ds^T q, ds = p * (dO v^T - delta), dO v^T reduced
+    over Ev in BLOCK_DV chunks (v stays loaded when one chunk covers Ev); with ATOMIC_DQ also
+    dq += scale * ds k."""
     pid_n = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, BLOCK_DV)
     mask_n = cols < NK
     mask_e = offs_e < E
     k = tl.load(K + off_b * stride_kb + cols[:, None] * stride_kn + offs_e[None, :] * stride_ke,
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    v_base = V + off_b * stride_vb + cols[:, None] * stride_vn
+    if BLOCK_DV >= EV_PAD:
+        v = tl.load(v_base + offs_c[None, :] * stride_ve, mask=mask_n[:, None] & (offs_c < EV)[None, :],
+                    other=0.0)
+    q_base = Q + off_b * stride_qb
     do_base = DO + off_b * stride_dob
-    v_base = V + off_b * stride_vb
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
-                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
-        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+        q_t, p_t = _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe,
+                                LSE + off_b * N, qk_scale_log2, INPUT_PRECISION, ACC)
         delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe,
-                       stride_vn, stride_ve, EV, BLOCK_M, BLOCK_N, BLOCK_DV, INPUT_PRECISION, ACC)
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        if BLOCK_DV >= EV_PAD:
+            do_t = tl.load(do_base + offs_c[:, None] * stride_doe + offs_m[None, :] * stride_don,
+                           mask=(offs_c < EV)[:, None] & mask_m[None, :], other=0.0)
+            dp_t = tl.dot(v, do_t, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        else:
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            for start_c in range(0, EV, BLOCK_DV):
+                chunk = start_c + offs_c
+                mask_c = chunk < EV
+                v_c = tl.load(v_base + chunk[None, :] * stride_ve, mask=mask_n[:, None] & mask_c[None, :],
+                              other=0.0)
+                do_t = tl.load(do_base + chunk[:, None] * stride_doe + offs_m[None, :] * stride_don,
+                               mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+                dp_t += tl.dot(v_c, do_t, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        acc += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION, out_dtype=ACC)
+        if ATOMIC_DQ:
+            _atomic_dq(ds_t, k, DQ + off_b * stride_dqb, offs_m, mask_m, offs_e, mask_e, stride_dqn,
+                       stride_dqe, scale, INPUT_PRECISION, ACC)
     acc = acc * scale
     tl.store(DK + off_b * stride_dkb + cols[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
              acc.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
@@ -250,19 +288,21 @@ def _attn_bwd_dk_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     stride_qb, stride_qn, stride_qe,
     stride_kb, stride_kn, stride_ke,
     stride_vb, stride_vn, stride_ve,
     stride_dob, stride_don, stride_doe,
     stride_dkb, stride_dkn, stride_dke,
     stride_dvb, stride_dvn, stride_dve,
+    stride_dqb, stride_dqn, stride_dqe,
     N, NK, E, EV, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """dk and dv of one key block in one pass over the queries, when Ev fits one BLOCK_DV tile:
-    p and dO are computed / read once for both (the split dv + dk kernels do it twice)."""
+    p and dO are computed / read once for both (the split dv + dk kernels do it twice); with
+    ATOMIC_DQ also dq += scale * ds k."""
     pid_n = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -275,25 +315,25 @@ def _attn_bwd_dkdv_kernel(
                 mask=mask_n[:, None] & mask_e[None, :], other=0.0)
     v = tl.load(V + off_b * stride_vb + cols[:, None] * stride_vn + offs_c[None, :] * stride_ve,
                 mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+    q_base = Q + off_b * stride_qb
+    do_base = DO + off_b * stride_dob + offs_c[None, :] * stride_doe
     acc_dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     acc_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
-                    mask=mask_m[:, None] & mask_e[None, :], other=0.0)
-        do = tl.load(DO + off_b * stride_dob + offs_m[:, None] * stride_don + offs_c[None, :] * stride_doe,
-                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        # +inf lse on padded rows makes their p exactly 0.
-        lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
+        q_t, p_t = _key_major_p(k, q_base, offs_m, mask_m, offs_e, mask_e, mask_n, stride_qn, stride_qe,
+                                LSE + off_b * N, qk_scale_log2, INPUT_PRECISION, ACC)
+        do = tl.load(do_base + offs_m[:, None] * stride_don, mask=mask_m[:, None] & mask_c[None, :],
+                     other=0.0)
         delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        acc_dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        acc_dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        acc_dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        acc_dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=INPUT_PRECISION, out_dtype=ACC)
+        if ATOMIC_DQ:
+            _atomic_dq(ds_t, k, DQ + off_b * stride_dqb, offs_m, mask_m, offs_e, mask_e, stride_dqn,
+                       stride_dqe, scale, INPUT_PRECISION, ACC)
     acc_dk = acc_dk * scale
     tl.store(DK + off_b * stride_dkb + cols[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
              acc_dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
@@ -311,22 +351,27 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqn, stride_dqe,
     N, NK, E, EV, qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    EV_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dq[rows] = scale * sum over key blocks of ds k."""
+    """dq[rows] = scale * sum over key blocks of ds k, no atomics (the deterministic path). dO of
+    the rows is read once when one BLOCK_DV tile covers Ev, else in chunks per key block."""
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < N
     mask_e = offs_e < E
     q = tl.load(Q + off_b * stride_qb + offs_m[:, None] * stride_qn + offs_e[None, :] * stride_qe,
                 mask=mask_m[:, None] & mask_e[None, :], other=0.0)
     lse2 = tl.load(LSE + off_b * N + offs_m, mask=mask_m, other=float("inf"))
     delta = tl.load(DELTA + off_b * N + offs_m, mask=mask_m, other=0.0)
-    do_base = DO + off_b * stride_dob
+    do_base = DO + off_b * stride_dob + offs_m[:, None] * stride_don
     v_base = V + off_b * stride_vb
+    if BLOCK_DV >= EV_PAD:
+        do = tl.load(do_base + offs_c[None, :] * stride_doe, mask=mask_m[:, None] & (offs_c < EV)[None, :],
+                     other=0.0)
     k_base = K + off_b * stride_kb + offs_e[None, :] * stride_ke
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)
     for start_n in range(0, NK, BLOCK_N):
@@ -336,8 +381,20 @@ def _attn_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC) * qk_scale_log2
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dp_block(do_base, v_base, offs_m, mask_m, cols, mask_n, stride_don, stride_doe,
-                       stride_vn, stride_ve, EV, BLOCK_M, BLOCK_N, BLOCK_DV, INPUT_PRECISION, ACC)
+        if BLOCK_DV >= EV_PAD:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_c[None, :] * stride_ve,
+                        mask=mask_n[:, None] & (offs_c < EV)[None, :], other=0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            for start_c in range(0, EV, BLOCK_DV):
+                chunk = start_c + offs_c
+                mask_c = chunk < EV
+                do_c = tl.load(do_base + chunk[None, :] * stride_doe, mask=mask_m[:, None] & mask_c[None, :],
+                               other=0.0)
+                v_c = tl.load(v_base + cols[:, None] * stride_vn + chunk[None, :] * stride_ve,
+                              mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+                dp += tl.dot(do_c, tl.trans(v_c), input_precision=INPUT_PRECISION, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         acc += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC)
     acc = acc * scale
@@ -346,78 +403,83 @@ def _attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Tile sizes
+# Launch settings
 # ------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _tiles(E: int, Ev: int, dtype: torch.dtype, interpreted: bool) -> dict:
-    """The default block sizes and launch settings (the first candidate the GPU tuner tries).
-
-    Under the interpreter blocks are small (32) so that the odd test shapes span several blocks
-    and Ev = 40 spans two value slices. On a GPU: 64-row blocks; the value slice is at most 128
-    wide in fp32 (register pressure of the fp32 accumulator), 256 in 16-bit, 64 in fp64; dO v^T
-    is reduced in 64-wide chunks (128-wide chunks spilled registers in the bf16 dk / dq kernels
-    for sm_90, ptxas -v).
-    """
-    block_e = max(16, triton.next_power_of_2(E))
-    if interpreted:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e,
-                    BLOCK_DV=min(32, max(16, triton.next_power_of_2(Ev))),
-                    num_warps=4, num_stages=1, dv_chunk=32)
-    wide = dtype in (torch.float16, torch.bfloat16)
-    block_dv = min(256 if wide else 128, max(16, triton.next_power_of_2(Ev)))
-    if dtype == torch.float64:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=block_e, BLOCK_DV=min(block_dv, 64),
-                    num_warps=4, num_stages=1, dv_chunk=min(block_dv, 64))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=block_e, BLOCK_DV=block_dv,
-                num_warps=8 if block_dv >= 128 else 4, num_stages=2,
-                dv_chunk=min(block_dv, 64))
-
-
-# Launch candidates per kernel on a GPU: (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages); for
-# dk / dq BLOCK_DV is the chunk of the dO v^T reduction. Guesses to be ranked on the card, not
-# timed here (no GPU when they were written), only checked to compile for sm_90 without register
-# spills in bf16 at E=32, Ev=256 (ptxas -v); BLOCK_DV is clamped to the padded Ev.
+# Launch candidates per kernel and dtype family on a GPU: (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps,
+# num_stages), the first one the default. BLOCK_M counts query rows, BLOCK_N keys; for dk / dq
+# BLOCK_DV is the chunk of the dO v^T reduction (a chunk >= the padded Ev keeps v / dO loaded),
+# for dkdv it is always the padded Ev; BLOCK_DV is clamped to the padded Ev. Untimed guesses (no
+# GPU when they were written), kept only if ptxas reports no register spill for sm_90 with the
+# JIT's launch specialization at both DESIGN.md shapes, both layouts, every dtype and dot
+# precision (bench/kernel_resources.py, triton 3.8: all ~520 variants clean);
+# tests/test_kernel_resources.py holds it for every candidate at the anchor shape in bf16 and IEEE
+# fp32 and for the defaults elsewhere. (Fused dk + dv tiles of 64 or 128 query rows spilled up to ~1 KB
+# once dq moved in, so the fused kernel takes 16 or 32 query rows per step.) The key-block
+# kernels put keys on the rows of every product: 128 keys with 8 warps, 64 with 4 (a warp group
+# owns 64 rows of a wgmma).
 _CANDIDATES = {
-    "fwd": [(64, 64, 256, 8, 2), (128, 64, 128, 8, 2), (128, 64, 256, 8, 2), (64, 64, 128, 4, 3),
-            (128, 32, 128, 4, 3), (64, 32, 64, 4, 3)],
-    "dv": [(64, 64, 128, 4, 2), (64, 128, 128, 8, 2), (32, 64, 256, 8, 2), (64, 64, 256, 8, 2),
-           (64, 128, 64, 4, 3)],
-    "dk": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 64, 8, 3), (64, 64, 32, 4, 1)],
-    "dq": [(64, 64, 32, 8, 2), (128, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 64, 64, 8, 3)],
-    # BLOCK_DV is always the whole padded Ev here (the kernel needs it in one tile).
-    "dkdv": [(64, 64, 0, 8, 2), (32, 64, 0, 8, 2), (64, 64, 0, 8, 3), (32, 64, 0, 4, 2)],
+    "16bit": {
+        "fwd": [(128, 64, 256, 8, 2), (128, 64, 128, 8, 2), (64, 64, 256, 8, 2), (64, 64, 128, 4, 3),
+                (128, 32, 128, 4, 3), (64, 32, 64, 4, 3)],
+        "dkdv": [(32, 128, 0, 8, 2), (32, 64, 0, 4, 2), (16, 128, 0, 8, 2), (32, 128, 0, 8, 3),
+                 (32, 64, 0, 4, 3), (16, 64, 0, 4, 2)],
+        "dv": [(64, 128, 256, 8, 2), (64, 128, 128, 8, 2), (64, 64, 128, 4, 2), (32, 128, 256, 8, 2),
+               (128, 128, 128, 8, 2)],
+        "dk": [(64, 128, 256, 8, 2), (64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (32, 128, 32, 8, 2)],
+        "dq": [(128, 64, 256, 8, 2), (64, 64, 256, 4, 2), (128, 64, 64, 8, 2), (128, 32, 32, 8, 2),
+               (64, 64, 64, 4, 3)],
+    },
+    # One list for the three dot precisions: tf32x3's three products per dot need the smallest
+    # tiles, IEEE fp32 (FMA dots) the next.
+    "fp32": {
+        "fwd": [(64, 32, 128, 8, 2), (128, 32, 64, 8, 2), (64, 32, 64, 4, 2), (32, 32, 64, 4, 2)],
+        "dv": [(64, 32, 128, 8, 2), (32, 64, 128, 8, 2), (64, 64, 128, 8, 2), (32, 64, 64, 4, 2),
+               (64, 64, 64, 4, 2)],
+        "dk": [(32, 64, 16, 4, 2), (16, 64, 32, 4, 2)],
+        "dq": [(64, 32, 32, 4, 2), (64, 32, 16, 4, 2), (64, 64, 16, 4, 2)],
+    },
+    "fp64": {
+        "fwd": [(32, 32, 64, 4, 1)],
+        "dv": [(32, 32, 64, 4, 1)],
+        "dk": [(32, 32, 32, 4, 1)],
+        "dq": [(32, 32, 32, 4, 1)],
+    },
 }
+# Fixed settings of the delta kernel (one streaming pass over O and dO) on a GPU.
+_DELTA_GPU = dict(BLOCK_M=64, BLOCK_DV=64, num_warps=4, num_stages=2)
+# Under the interpreter: 32-wide tiles, so the odd test shapes span several blocks and Ev = 40
+# spans two value slices (and dO v^T two chunks).
+_INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DV=32, num_warps=4, num_stages=1)
 
 
-def fused_dkdv_fits(Ev: int, dtype: torch.dtype) -> bool:
-    """Whether the one-pass dk + dv kernel applies on a GPU: 16-bit inputs whose padded Ev is one
-    default value slice (<= 256). fp32 / fp64 use the split kernels: with fp32 operands ptxas
-    spilled kilobytes per thread for the fused one even at Ev = 128."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False
-    return max(16, triton.next_power_of_2(Ev)) <= _tiles(16, Ev, dtype, False)["BLOCK_DV"]
+def _family(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    return "fp64" if dtype == torch.float64 else "fp32"
+
+
+def _padded(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def fused_dkdv_fits(Ev: int, dtype: torch.dtype, interpreted: bool = False) -> bool:
+    """Whether the one-pass dk + dv kernel applies: 16-bit inputs whose padded Ev fits one tile
+    (<= 256) on a GPU; under the interpreter, any dtype whose Ev fits its 32-wide tile (so the
+    tests run both kernels). fp32 / fp64 use the split kernels on a GPU: with fp32 operands the
+    fused tile spilled ~80 KB per thread at Ev = 256 (ptxas -v, sm_90)."""
+    if interpreted:
+        return _padded(Ev) <= _INTERPRETER["BLOCK_DV"]
+    return dtype in (torch.float16, torch.bfloat16) and _padded(Ev) <= 256
 
 
 def _candidate_configs(kind: str, E: int, Ev: int, dtype: torch.dtype) -> list[dict]:
-    """Launch settings to try for one kernel, the default (``_tiles``) first, no duplicates."""
-    t = _tiles(E, Ev, dtype, False)
-    chunked = kind in ("dk", "dq")
-    full_ev = max(16, triton.next_power_of_2(Ev))
-    first = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
-                 BLOCK_DV=t["dv_chunk"] if chunked else full_ev if kind == "dkdv" else t["BLOCK_DV"],
-                 num_warps=t["num_warps"], num_stages=t["num_stages"])
-    configs = [first]
-    if dtype == torch.float64:
-        return configs
-    cap = min(256 if dtype in (torch.float16, torch.bfloat16) else 128, full_ev)
-    four_bytes = dtype == torch.float32
-    for bm, bn, bdv, warps, stages in _CANDIDATES[kind]:
-        bdv = full_ev if kind == "dkdv" else min(bdv, cap)
-        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv, num_warps=warps, num_stages=stages)
-        # fp32 tiles twice the bytes: ptxas spilled kilobytes for the larger ones at 4 warps.
-        if four_bytes and max(bm, bn) * c["BLOCK_DV"] > (8192 if warps == 8 else 4096):
-            continue
+    """Launch settings to try for one kernel on a GPU, the default first, no duplicates."""
+    full_ev = _padded(Ev)
+    configs: list[dict] = []
+    for bm, bn, bdv, warps, stages in _CANDIDATES[_family(dtype)][kind]:
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=full_ev if kind == "dkdv" else min(bdv, full_ev),
+                 num_warps=warps, num_stages=stages)
         if c not in configs:
             configs.append(c)
     return configs
@@ -428,45 +490,86 @@ def autotune_enabled() -> bool:
     return os.environ.get("SAGAN_FAST_TRITON_AUTOTUNE", "1") not in ("0", "")
 
 
+# Tuned settings per tuning key, their times (ms), and the backward path per path key.
 _TUNED: dict[tuple, dict] = {}
-
-
 _TUNED_MS: dict[tuple, float] = {}
+_PATHS: dict[tuple, str] = {}
 
 
-def _launch(kind: str, kernel, grid, args: tuple, kwargs: dict, key: tuple, interpreted: bool,
-            E: int, Ev: int, dtype: torch.dtype) -> None:
-    """Launch ``kernel`` with the fastest candidate for ``key``, timed on first use on a GPU.
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch of a plan: what the GPU tuner times and bench/kernel_resources.py compiles.
 
-    Every kernel here writes its outputs without accumulating, so timing runs are harmless. A
-    candidate that does not fit the card (registers, shared memory) is skipped; if all fail, the
-    default runs and raises its error.
+    ``kind`` names the candidate list (fwd, dkdv, dv, dk, dq) or "delta" (fixed settings);
+    ``constexprs`` are the compile-time arguments that do not depend on the candidate; ``zero``
+    the buffers the kernel accumulates into (atomics), zeroed again after timing runs.
+    """
+    kind: str
+    kernel: Any
+    grid: Callable[[dict], tuple]
+    args: tuple
+    constexprs: dict
+    key: tuple | None
+    dims: tuple          # (B, N, Nk, E, Ev)
+    dtype: torch.dtype
+    zero: tuple = ()
+
+    def candidates(self) -> list[dict]:
+        if self.kind == "delta":
+            return [dict(_DELTA_GPU, BLOCK_DV=min(_DELTA_GPU["BLOCK_DV"], _padded(self.dims[4])))]
+        return _candidate_configs(self.kind, self.dims[3], self.dims[4], self.dtype)
+
+    def interpreter_config(self) -> dict:
+        c = dict(_INTERPRETER)
+        if self.kind == "dkdv":
+            c["BLOCK_DV"] = _padded(self.dims[4])
+        if self.kind == "delta":
+            c = {k: c[k] for k in ("BLOCK_M", "BLOCK_DV", "num_warps", "num_stages")}
+        return c
+
+    def label(self, config: dict) -> str:
+        blocks = " ".join(f"{k.split('_')[1]}{config[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_DV")
+                          if k in config)
+        return f"{self.kind} {blocks} w{config['num_warps']} s{config['num_stages']}"
+
+    def variant_suffix(self) -> str:
+        return " +atomic dq" if self.constexprs.get("ATOMIC_DQ") else ""
+
+    def run(self, config: dict) -> None:
+        self.kernel[self.grid(config)](*self.args, **self.constexprs, **config)
+
+
+def _run(launch: Launch, interpreted: bool) -> None:
+    """Launch with the fastest candidate for its key, timed on first use on a GPU.
+
+    A candidate that does not fit the card (registers, shared memory) is skipped; if all fail,
+    the default runs and raises its error. Timing runs of an accumulating kernel are undone by
+    zeroing its buffers before the real launch.
     """
     if interpreted:
-        t = _tiles(E, Ev, dtype, True)
-        block_dv = (t["dv_chunk"] if kind in ("dk", "dq") else
-                    max(16, triton.next_power_of_2(Ev)) if kind == "dkdv" else t["BLOCK_DV"])
-        config = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], BLOCK_DV=block_dv,
-                      num_warps=t["num_warps"], num_stages=t["num_stages"])
-    else:
-        config = _TUNED.get(key)
-        if config is None:
-            candidates = _candidate_configs(kind, E, Ev, dtype)
-            config = candidates[0]
-            if autotune_enabled() and len(candidates) > 1:
-                from triton.testing import do_bench
-                best = None
-                for c in candidates:
-                    try:
-                        ms = do_bench(lambda: kernel[grid(c)](*args, **kwargs, **c), warmup=5, rep=20)
-                    except Exception:  # noqa: BLE001 (out of resources / does not compile: not a candidate)
-                        continue
-                    if best is None or ms < best[0]:
-                        best = (ms, c)
-                if best is not None:
-                    _TUNED_MS[key], config = best
-            _TUNED[key] = config
-    kernel[grid(config)](*args, **kwargs, **config)
+        launch.run(launch.interpreter_config())
+        return
+    config = _TUNED.get(launch.key) if launch.key is not None else None
+    if config is None:
+        candidates = launch.candidates()
+        config = candidates[0]
+        if launch.key is not None and autotune_enabled() and len(candidates) > 1:
+            from triton.testing import do_bench
+            best = None
+            for c in candidates:
+                try:
+                    ms = do_bench(lambda: launch.run(c), warmup=5, rep=20)
+                except Exception:  # noqa: BLE001 (out of resources / does not compile: not a candidate)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, c)
+            if best is not None:
+                _TUNED_MS[launch.key], config = best
+            for t in launch.zero:
+                t.zero_()
+        if launch.key is not None:
+            _TUNED[launch.key] = config
+    launch.run(config)
 
 
 def _acc(dtype: torch.dtype):
@@ -520,16 +623,23 @@ def check_backend_limits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(f"triton sagan_attention: value dim Ev={Ev} exceeds the supported {MAX_EV}")
 
 
-def _empty_in_layout_of(like: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _channel_major(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.stride(2) != 1 and t.shape[2] > 1
+
+
+def _empty_in_layout_of(like: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype | None = None,
+                        zeros: bool = False) -> torch.Tensor:
     """A dense (B, T, C) tensor, channel-major ((B, C, T) transposed) when ``like`` is one.
 
     ``like`` may be a non-dense view (a channel slice of a fused q/k/v projection): only the
     order of its token and channel strides matters, so the 1x1-conv side gets (B, C, T) back.
     """
     B, T, C = shape
-    if like.stride(1) == 1 and like.stride(2) != 1 and like.shape[2] > 1:
-        return torch.empty((B, C, T), dtype=like.dtype, device=like.device).transpose(1, 2)
-    return torch.empty((B, T, C), dtype=like.dtype, device=like.device)
+    make = torch.zeros if zeros else torch.empty
+    kw = dict(dtype=dtype or like.dtype, device=like.device)
+    if _channel_major(like):
+        return make((B, C, T), **kw).transpose(1, 2)
+    return make((B, T, C), **kw)
 
 
 def _empty_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -546,60 +656,100 @@ def _grid_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-# Per tuning key of the fused kernel: whether it beat the split dv + dk kernels when timed.
-_FUSED_DKDV: dict[tuple, bool] = {}
-
-
-def _use_fused_dkdv(q, k, v, fp32_precision: str, interpreted: bool) -> bool:
-    Ev = v.shape[2]
-    if interpreted:   # Ev within one 32-wide interpreter tile: the tests cover both kernels
-        return max(16, triton.next_power_of_2(Ev)) <= _tiles(q.shape[2], Ev, q.dtype, True)["BLOCK_DV"]
-    if not fused_dkdv_fits(Ev, q.dtype):
-        return False
-    return _FUSED_DKDV.get(_tuning_key("dkdv", q, k, v, fp32_precision), True)
-
-
 def _interpreted(t: torch.Tensor) -> bool:
     """CPU tensors run in the interpreter (check_backend_limits refused them otherwise): small fixed tiles."""
     return t.device.type == "cpu"
 
 
-def _tuning_key(kind: str, q, k, v, fp32_precision: str) -> tuple:
-    return (kind, q.device.index, q.dtype, fp32_precision, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+@functools.lru_cache(maxsize=None)
+def _card(device_type: str, index: int | None) -> str:
+    if device_type != "cuda":
+        return device_type
+    return torch.cuda.get_device_name(index)
 
 
-def _forward(q, k, v, scale: float, fp32_precision: str):
+def _tuning_key(kind: str, q, k, v, fp32_precision: str, *extra) -> tuple:
+    """What a tuned setting depends on: the card (its name, so ranks of a DDP job share keys),
+    dtype, dot precision, sizes and which of q, k, v are channel-major (other specializations)."""
+    layout = "".join("c" if _channel_major(t) else "r" for t in (q, k, v))
+    return (kind, _card(q.device.type, q.device.index), q.dtype, fp32_precision, q.shape[1], k.shape[1],
+            q.shape[2], v.shape[2], layout, *extra)
+
+
+def forward_plan(q, k, v, scale: float, fp32_precision: str):
+    """(out, lse, [the forward launch]): out in v's layout, lse the base-2 logsumexp (B, N)."""
     B, N, E = q.shape
     Nk, Ev = k.shape[1], v.shape[2]
     out = _empty_out(q, v)
     lse = torch.empty((B, N), dtype=accumulation_dtype(q.dtype), device=q.device)
-    interpreted = _interpreted(q)
-    block_e = _tiles(E, Ev, q.dtype, interpreted)["BLOCK_E"]
 
     def grid(c):
         return (triton.cdiv(N, c["BLOCK_M"]), triton.cdiv(Ev, c["BLOCK_DV"]), B)
+    launch = Launch("fwd", _attn_fwd_kernel, grid,
+                    (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                     N, Nk, E, Ev, float(scale) * LOG2E),
+                    dict(BLOCK_E=_padded(E), INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
+                         ACC=_acc(q.dtype)),
+                    _tuning_key("fwd", q, k, v, fp32_precision), (B, N, Nk, E, Ev), q.dtype)
+    return out, lse, [launch]
+
+
+def _forward(q, k, v, scale: float, fp32_precision: str):
+    out, lse, launches = forward_plan(q, k, v, scale, fp32_precision)
     with _grid_device(q):
-        _launch("fwd", _attn_fwd_kernel, grid,
-                (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                 N, Nk, E, Ev, float(scale) * LOG2E),
-                dict(BLOCK_E=block_e, INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
-                     ACC=_acc(q.dtype)),
-                _tuning_key("fwd", q, k, v, fp32_precision), interpreted, E, Ev, q.dtype)
+        for launch in launches:
+            _run(launch, _interpreted(q))
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
+def backward_paths(q, k, v, deterministic: bool | None = None) -> list[str]:
+    """The backward paths a run may take for these inputs, the default first: "fused" (one dk + dv
+    kernel) and / or "split" (dv and dk kernels), each with "+atomic-dq" or, when deterministic,
+    "+dq-kernel". ``deterministic=None``: both dq variants (what bench/kernel_resources.py compiles)."""
+    interpreted = _interpreted(q)
+    kernels = (["fused"] if fused_dkdv_fits(v.shape[2], q.dtype, interpreted) else []) + ["split"]
+    if interpreted and kernels[0] == "fused":
+        kernels = ["fused"]
+    modes = {None: ["atomic-dq", "dq-kernel"], False: ["atomic-dq"], True: ["dq-kernel"]}[deterministic]
+    return [f"{kern}+{mode}" for kern in kernels for mode in modes]
+
+
+@dataclasses.dataclass
+class BackwardPlan:
+    path: str
+    grads: tuple            # (dq, dk, dv)
+    launches: list
+    dq_accumulator: torch.Tensor | None   # fp32 dq summed by atomics, copied into a 16-bit dq
+
+    def finish(self) -> None:
+        if self.dq_accumulator is not None:
+            self.grads[0].copy_(self.dq_accumulator)
+
+
+def backward_plan(dout, q, k, v, out, lse, scale: float, fp32_precision: str, path: str) -> BackwardPlan:
+    """The launches of one backward path (see :func:`backward_paths`), with its outputs allocated."""
     B, N, E = q.shape
     Nk, Ev = k.shape[1], v.shape[2]
-    if dout.dtype != q.dtype:
-        dout = dout.to(q.dtype)
-    interpreted = _interpreted(q)
-    t = _tiles(E, Ev, q.dtype, interpreted)
-    fixed = dict(BLOCK_E=t["BLOCK_E"], INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
-                 ACC=_acc(q.dtype))
+    kernels, mode = path.split("+")
+    atomic = mode == "atomic-dq"
+    acc_dtype = accumulation_dtype(q.dtype)
     qk_scale_log2 = float(scale) * LOG2E
-    delta = torch.empty((B, N), dtype=accumulation_dtype(q.dtype), device=q.device)
+    dims = (B, N, Nk, E, Ev)
+    fixed = dict(BLOCK_E=_padded(E), INPUT_PRECISION=_input_precision(q.dtype, fp32_precision),
+                 ACC=_acc(q.dtype))
+    delta = torch.empty((B, N), dtype=acc_dtype, device=q.device)
     dq, dk, dv = _empty_grads(q, k, v)
+    dq_acc = None
+    if atomic:
+        # The atomics add in the accumulation dtype: into dq itself when that is its dtype.
+        dq = _empty_in_layout_of(q, tuple(q.shape), zeros=True) if acc_dtype == q.dtype else dq
+        if acc_dtype != q.dtype:
+            dq_acc = _empty_in_layout_of(q, tuple(q.shape), acc_dtype, zeros=True)
+    dq_sum = dq if dq_acc is None else dq_acc
+
+    def key(kind):
+        dq_mode = "atomic-dq" if atomic and kind in ("dkdv", "dk") else ""
+        return _tuning_key(kind, q, k, v, fp32_precision, dq_mode)
 
     def key_blocks(c):
         return (triton.cdiv(Nk, c["BLOCK_N"]), B)
@@ -609,50 +759,182 @@ def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
 
     def key_blocks_and_slices(c):
         return (triton.cdiv(Nk, c["BLOCK_N"]), triton.cdiv(Ev, c["BLOCK_DV"]), B)
-    tuning = dict(interpreted=interpreted, E=E, Ev=Ev, dtype=q.dtype)
+    zero = (dq_sum,) if atomic else ()
+    launches = [Launch("delta", _attn_bwd_delta_kernel, query_blocks,
+                       (out, dout, delta, *out.stride(), *dout.stride(), N, Ev), dict(ACC=_acc(q.dtype)),
+                       None, dims, q.dtype)]
+    if kernels == "fused":
+        launches.append(Launch(
+            "dkdv", _attn_bwd_dkdv_kernel, key_blocks,
+            (q, k, v, dout, lse, delta, dk, dv, dq_sum, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+             *dk.stride(), *dv.stride(), *dq_sum.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)),
+            dict(fixed, ATOMIC_DQ=atomic), key("dkdv"), dims, q.dtype, zero))
+    else:
+        launches.append(Launch(
+            "dv", _attn_bwd_dv_kernel, key_blocks_and_slices,
+            (q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(), N, Nk, E, Ev,
+             qk_scale_log2), fixed, key("dv"), dims, q.dtype))
+        launches.append(Launch(
+            "dk", _attn_bwd_dk_kernel, key_blocks,
+            (q, k, v, dout, lse, delta, dk, dq_sum, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+             *dk.stride(), *dq_sum.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)),
+            dict(fixed, EV_PAD=_padded(Ev), ATOMIC_DQ=atomic), key("dk"), dims, q.dtype, zero))
+    if not atomic:
+        launches.append(Launch(
+            "dq", _attn_bwd_dq_kernel, query_blocks,
+            (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+             *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)),
+            dict(fixed, EV_PAD=_padded(Ev)), key("dq"), dims, q.dtype))
+    return BackwardPlan(path, (dq, dk, dv), launches, dq_acc)
+
+
+def _run_plan(plan: BackwardPlan, interpreted: bool) -> BackwardPlan:
+    for launch in plan.launches:
+        _run(launch, interpreted)
+    plan.finish()
+    return plan
+
+
+def _backward(dout, q, k, v, out, lse, scale: float, fp32_precision: str):
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    interpreted = _interpreted(q)
+    paths = backward_paths(q, k, v, deterministic=torch.are_deterministic_algorithms_enabled())
     with _grid_device(q):
-        # delta is one streaming pass over O and dO: fixed settings.
-        _attn_bwd_delta_kernel[(triton.cdiv(N, t["BLOCK_M"]), B)](
-            out, dout, delta, *out.stride(), *dout.stride(), N, Ev,
-            BLOCK_M=t["BLOCK_M"], BLOCK_DV=t["dv_chunk"], ACC=_acc(q.dtype), num_warps=4)
-
-        def fused():
-            _launch("dkdv", _attn_bwd_dkdv_kernel, key_blocks,
-                    (q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-                     *dout.stride(), *dk.stride(), *dv.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)),
-                    fixed, _tuning_key("dkdv", q, k, v, fp32_precision), **tuning)
-
-        def split():
-            _launch("dv", _attn_bwd_dv_kernel, key_blocks_and_slices,
-                    (q, k, dout, lse, dv, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
-                     N, Nk, E, Ev, qk_scale_log2), fixed,
-                    _tuning_key("dv", q, k, v, fp32_precision), **tuning)
-            _launch("dk", _attn_bwd_dk_kernel, key_blocks,
-                    (q, k, v, dout, lse, delta, dk, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-                     *dk.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
-                    _tuning_key("dk", q, k, v, fp32_precision), **tuning)
-
-        if not _use_fused_dkdv(q, k, v, fp32_precision, interpreted):
-            split()
-        elif interpreted or not autotune_enabled() or _tuning_key("dkdv", q, k, v, fp32_precision) in _TUNED:
-            fused()
+        if interpreted:
+            path = paths[0]
         else:
-            # First use of this shape: tune both ways (each writes correct dk, dv), keep the faster.
-            split()
-            keys = [_tuning_key(kind, q, k, v, fp32_precision) for kind in ("dkdv", "dv", "dk")]
-            try:
-                fused()
-            except Exception:  # noqa: BLE001 (no fused setting fits this card: split's results stand)
-                _TUNED.pop(keys[0], None)
-                _FUSED_DKDV[keys[0]] = False
-            else:
-                if all(key in _TUNED_MS for key in keys):
-                    _FUSED_DKDV[keys[0]] = _TUNED_MS[keys[0]] <= _TUNED_MS[keys[1]] + _TUNED_MS[keys[2]]
-        _launch("dq", _attn_bwd_dq_kernel, query_blocks,
-                (q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-                 *dq.stride(), N, Nk, E, Ev, qk_scale_log2, float(scale)), fixed,
-                _tuning_key("dq", q, k, v, fp32_precision), **tuning)
-    return dq, dk, dv
+            path_key = _tuning_key("bwd-path", q, k, v, fp32_precision, paths[0].split("+")[1])
+            path = _PATHS.get(path_key)
+            if path is None:
+                path = paths[0]
+                if len(paths) > 1 and autotune_enabled():
+                    # First use of this shape: run (and so tune) every path, keep the fastest total.
+                    totals = {}
+                    for p in paths:
+                        try:
+                            plan = _run_plan(backward_plan(dout, q, k, v, out, lse, scale, fp32_precision, p),
+                                             interpreted)
+                        except Exception:  # noqa: BLE001 (no setting of this path fits this card)
+                            continue
+                        totals[p] = sum(_TUNED_MS.get(x.key, math.inf) for x in plan.launches if x.key)
+                    if totals:
+                        path = min(totals, key=totals.get)
+                _PATHS[path_key] = path
+        plan = _run_plan(backward_plan(dout, q, k, v, out, lse, scale, fp32_precision, path), interpreted)
+    return plan.grads
+
+
+# ------------------------------------------------------------------------------------------------
+# Tuning tables across processes (DDP: every rank runs rank 0's choices)
+# ------------------------------------------------------------------------------------------------
+
+def export_tuning() -> dict:
+    """The tuned launch settings and backward paths of this process (picklable)."""
+    return {"configs": [(key, dict(cfg)) for key, cfg in _TUNED.items()], "paths": list(_PATHS.items())}
+
+
+def import_tuning(table: dict, *, replace: bool = True) -> int:
+    """Use ``table`` (from :func:`export_tuning`, maybe of another process); ``replace`` drops this
+    process's own choices first. Returns the number of entries now held."""
+    if not isinstance(table, dict) or set(table) != {"configs", "paths"}:
+        raise ValueError("import_tuning: expected the dict export_tuning() returns, with keys 'configs' "
+                         "and 'paths'")
+    if replace:
+        _TUNED.clear()
+        _TUNED_MS.clear()
+        _PATHS.clear()
+    _TUNED.update((tuple(key), dict(cfg)) for key, cfg in table["configs"])
+    _PATHS.update((tuple(key), str(path)) for key, path in table["paths"])
+    return len(_TUNED) + len(_PATHS)
+
+
+def broadcast_tuning(src: int = 0, group=None) -> int:
+    """Every rank takes rank ``src``'s tuned settings (torch.distributed.broadcast_object_list), so
+    all ranks run the same kernels. A no-op without an initialized process group of 2+ ranks.
+    Call it on every rank after a step has run the attention shapes (the first step tunes them),
+    and again if new shapes appear. Returns the number of entries held afterwards."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return len(_TUNED) + len(_PATHS)
+    payload = [export_tuning() if dist.get_rank() == src else None]
+    dist.broadcast_object_list(payload, src=src, group=group)
+    if dist.get_rank() == src:
+        return len(_TUNED) + len(_PATHS)
+    return import_tuning(payload[0], replace=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOP and byte counts per launch (what bench/attention.py prints next to the times)
+# ------------------------------------------------------------------------------------------------
+
+def launch_costs(launch: Launch, config: dict | None = None) -> dict:
+    """Dot FLOPs and global-memory bytes of one launch with ``config`` (default: the tuned or first
+    candidate). ``bytes``: what its programs load and store (tiles re-read by several programs
+    count each time: L2 serves most of them); ``atomic_bytes``: fp32 atomic adds (read-modify-write
+    in L2). Useful work only: padding of E / Ev to tile sizes is not counted."""
+    if config is None:
+        config = _TUNED.get(launch.key) if launch.key is not None else None
+        config = config or launch.candidates()[0]
+    B, N, Nk, E, Ev = launch.dims
+    s = torch.empty((), dtype=launch.dtype).element_size()
+    a = torch.empty((), dtype=accumulation_dtype(launch.dtype)).element_size()
+    bm, bn, bdv = config.get("BLOCK_M"), config.get("BLOCK_N"), config.get("BLOCK_DV")
+    pairs = 2.0 * B * N * Nk   # 2 FLOPs per multiply-add, per (query, key) pair and unit of dim
+    atomic = bool(launch.constexprs.get("ATOMIC_DQ"))
+    atomic_bytes = float(B * math.ceil(Nk / bn) * N * E * a) if atomic else 0.0
+    if launch.kind == "fwd":
+        slices = math.ceil(Ev / bdv)
+        flops = pairs * (E * slices + Ev)
+        programs = B * math.ceil(N / bm) * slices
+        nbytes = programs * (bm * E + Nk * (E + bdv)) * s + B * N * (Ev * s + a)
+    elif launch.kind == "delta":
+        flops = 2.0 * B * N * Ev
+        nbytes = B * N * (2 * Ev * s + a)
+    elif launch.kind == "dkdv":
+        flops = pairs * (2 * E + 2 * Ev + (E if atomic else 0))
+        programs = B * math.ceil(Nk / bn)
+        nbytes = programs * (N * ((E + Ev) * s + 2 * a)) + B * Nk * 2 * (E + Ev) * s
+    elif launch.kind == "dv":
+        slices = math.ceil(Ev / bdv)
+        flops = pairs * (E * slices + Ev)
+        programs = B * math.ceil(Nk / bn) * slices
+        nbytes = programs * (bn * E * s + N * ((E + bdv) * s + a)) + B * Nk * Ev * s
+    elif launch.kind == "dk":
+        flops = pairs * (2 * E + Ev + (E if atomic else 0))
+        programs = B * math.ceil(Nk / bn)
+        v_reads = 1 if bdv >= _padded(Ev) else math.ceil(N / bm)
+        nbytes = programs * (bn * E * s + v_reads * bn * Ev * s + N * ((E + Ev) * s + 2 * a)) + B * Nk * E * s
+    elif launch.kind == "dq":
+        flops = pairs * (2 * E + Ev)
+        programs = B * math.ceil(N / bm)
+        do_reads = 1 if bdv >= _padded(Ev) else math.ceil(Nk / bn)
+        per_program = bm * (E * s + 2 * a) + do_reads * bm * Ev * s + Nk * (E + Ev) * s
+        nbytes = programs * per_program + B * N * E * s
+    else:
+        raise ValueError(f"launch_costs: unknown kind {launch.kind!r}")
+    return dict(kernel=launch.kernel.__name__ + launch.variant_suffix(), config=launch.label(config),
+                flops=flops, bytes=float(nbytes), atomic_bytes=atomic_bytes)
+
+
+def plan_costs(q, k, v, *, backward_path: str | None = None, fp32_precision: str = "ieee") -> list[dict]:
+    """launch_costs of the forward and of one backward path (default: the first of
+    :func:`backward_paths` for the current determinism setting) for inputs shaped like q, k, v
+    (any device, meta included), with the tuned or default settings. The 16-bit atomic path's
+    fp32 -> dq copy is one more row ("dq copy")."""
+    out, lse, fwd = forward_plan(q, k, v, 1.0, fp32_precision)
+    path = backward_path or backward_paths(q, k, v, torch.are_deterministic_algorithms_enabled())[0]
+    plan = backward_plan(torch.empty_like(out), q, k, v, out, lse, 1.0, fp32_precision, path)
+    rows = [dict(launch_costs(x), phase="fwd") for x in fwd]
+    rows += [dict(launch_costs(x), phase="bwd") for x in plan.launches]
+    if plan.dq_accumulator is not None:
+        B, N, E = q.shape
+        rows.append(dict(kernel="dq copy (fp32 -> dq dtype)", config="torch copy_", flops=0.0,
+                         bytes=float(B * N * E * (plan.dq_accumulator.element_size() + q.element_size())),
+                         atomic_bytes=0.0, phase="bwd"))
+    for r in rows:
+        r["path"] = "forward" if r["phase"] == "fwd" else path
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,7 +994,8 @@ def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
     Differentiable in q, k and v (not twice). ``fp32_precision`` ("ieee", "tf32x3", "tf32"; fp32
     inputs only): see the module docstring; None follows torch's allow_tf32 flag, then
-    SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee".
+    SAGAN_FAST_TRITON_FP32_PRECISION, else "ieee". Gradients are bitwise reproducible under
+    ``torch.use_deterministic_algorithms(True)`` (dq without atomics).
     """
     check_backend_limits(q, k, v)
     out, _ = attention_fwd(q, k, v, float(scale), resolve_fp32_precision(fp32_precision))

@@ -1,0 +1,3 @@
+// Emulation shim (see emu.h).
+#pragma once
+#include "emu.h"
