@@ -721,4 +721,5 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if plist[0] is sn:
         _adopt(sn, plist)
     sn.mark_stale()
+    object.__setattr__(sn, "_n_updates", 0)  # counted from here: the registration's evaluation is not an update
     return module
