@@ -658,9 +658,11 @@ def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | N
     ``...weight.0._v``); every other key is kept. Load the result with ``model.load_state_dict``.
 
     The same u, v: both APIs keep u (rows) and v (columns) of the same (out, rest) matrix, so the
-    converted model's first forward continues the old run's power iteration. Checkpoints from
-    before torch 1.0 (no ``weight_v``, the normalized ``weight`` stored instead) get v solved as
-    torch's own loader does, along ``dim`` from ``model``'s SN layer of that name (else 0).
+    converted model's eval output is the old one's, and its first training forward continues the
+    old run's power iteration (in the parametrization's order, u then v; the hook did v then u,
+    so that one iteration differs slightly). Checkpoints from before torch 1.0 (no ``weight_v``,
+    the normalized ``weight`` stored instead) get v solved as torch's own loader does, in float64,
+    along ``dim`` from ``model``'s SN layer of that name (else 0).
     """
     dims = {}
     if model is not None:
@@ -691,11 +693,14 @@ def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | N
         new_base = f"{prefix + '.' if prefix else ''}parametrizations.{tensor_name}"
         with torch.no_grad():
             weight_orig, u = state_dict[base + "_orig"], state_dict[base + "_u"]
-            sigma = (weight_orig / state_dict[base]).mean()
-            mat = reference.weight_to_matrix(weight_orig, dims.get(new_base, 0))
+            wide = torch.promote_types(weight_orig.dtype, torch.float64)  # a pseudo-inverse: in float64
+            sigma = (weight_orig.to(wide) / state_dict[base].to(wide)).mean()
+            mat = reference.weight_to_matrix(weight_orig.to(wide), dims.get(new_base, 0))
+            u = u.to(wide)
             # torch's _solve_v_and_rescale: u = normalize(W v) and u . W v = sigma
             v = torch.linalg.multi_dot([mat.t().mm(mat).pinverse(), mat.t(), u.unsqueeze(1)]).squeeze(1)
-            out[f"{new_base}.0._v"] = v.mul_(sigma / torch.dot(u, torch.mv(mat, v)))
+            v *= sigma / torch.dot(u, torch.mv(mat, v))
+            out[f"{new_base}.0._v"] = v.to(state_dict[base + "_u"].dtype)
     if metadata is not None:
         out._metadata = metadata
     return out
