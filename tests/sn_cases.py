@@ -105,7 +105,7 @@ def _supports_fused(cls, device: str) -> bool:
     p.grad = torch.zeros_like(p)
     try:
         cls([p], lr=0.1, fused=True).step()
-    except (RuntimeError, ValueError, TypeError):
+    except (RuntimeError, ValueError, TypeError, AssertionError):
         return False
     return True
 

@@ -77,8 +77,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops import reference
 from ..ops._backend import accumulation_dtype
-from ..ops.spectral_norm import (spectral_norm_normalize, spectral_norm_normalize_multi,
-                                 spectral_norm_power_iteration_, spectral_norm_sigma)
+from ..ops.spectral_norm import (check_spectral_norm_inputs, power_iteration_checked_, spectral_norm_normalize,
+                                 spectral_norm_normalize_multi, spectral_norm_sigma)
 
 
 class SpectralNormError(FloatingPointError):
@@ -144,7 +144,7 @@ class SpectralNorm(nn.Module):
         self.n_power_iterations = n_power_iterations
         self.backend = backend
         # Plain attributes (no nn.Module bookkeeping, no state dict):
-        # _seen: _weight_key of the weight that u, v and _sigma belong to; None: never updated or
+        # _seen: _weight_key of the weight that u, v belong to; None: never updated or
         # marked changed, so the next training forward runs one power iteration (as torch's does).
         # _plist: the ParametrizationList whose `original` this layer normalizes (set by
         # spectral_norm(); None for a layer that is not first in its list or registered by hand).
@@ -153,8 +153,9 @@ class SpectralNorm(nn.Module):
         # _w_sn_stash: W_sn computed by that pre-hook for the current model forward (one launch
         # for all layers), with the weight key and grad mode it is valid for; cleared after it.
         # _n_updates: power-iteration updates run on the host (spectral_norm_update_counts).
+        # _checked: identity of (weight storage, u, v) at the last full input check.
         for name, value in (("_seen", None), ("_plist", None), ("_weight_ref", None), ("_fused", False),
-                            ("_w_sn_stash", None), ("_n_updates", 0)):
+                            ("_w_sn_stash", None), ("_n_updates", 0), ("_checked", None)):
             object.__setattr__(self, name, value)
         if ndim > 1:
             weight_mat = reference.weight_to_matrix(weight.detach(), self.dim)
@@ -167,10 +168,10 @@ class SpectralNorm(nn.Module):
             u, v = reference.spectral_norm_power_iteration(weight_mat, u, v, 15, eps)
             self.register_buffer("_u", u)
             self.register_buffer("_v", v)
-            # sigma = u . W v of the last power iteration; not in the state dict (torch has none).
-            self.register_buffer("_sigma", torch.ones((), device=weight.device,
-                                                       dtype=accumulation_dtype(weight.dtype)),
-                                 persistent=False)
+            # sigma = u . W v of the last power iteration, as (sigmas of its group, index): kept by
+            # reference, not copied per layer per step; not in the state dict (torch has none).
+            object.__setattr__(self, "_last_sigma", (torch.ones(1, device=weight.device,
+                                                                dtype=accumulation_dtype(weight.dtype)), 0))
         self._register()
 
     def _register(self) -> None:
@@ -278,31 +279,36 @@ def _power_iterate(items: list[tuple], check_finite: bool | None) -> None:
 
     ``items``: (layer, weight, u, v), u and v the tensors to update (the layer's buffers, or what
     a compiled graph hands the refresh op in their place). Marks each layer fresh for ``weight``.
+    Runs after every optimizer step, so it keeps host work small: a layer's inputs are checked in
+    full only when their shape, dtype or device changed since the last check.
     """
     if check_finite is None:
         check_finite = _CHECK_FINITE
     groups: dict[tuple, list[tuple]] = {}
+    seen = []
     for item in items:
-        sn, weight = item[0], item[1]
-        key = (weight.device, weight.dtype, sn.n_power_iterations, sn.eps, sn.backend)
-        groups.setdefault(key, []).append(item)
+        sn, weight, u, v = item
+        device, dtype, ptr = weight.device, weight.dtype, weight.data_ptr()
+        # The same storage and the same u, v objects: the same shapes as at the last full check
+        # (.to(), load_state_dict(assign=True) or a new Parameter change one of them).
+        identity = (ptr, dtype, device, id(u), id(v))
+        if sn._checked != identity:
+            check_spectral_norm_inputs(weight, u, v, sn.dim, "spectral norm")
+            object.__setattr__(sn, "_checked", identity)
+        groups.setdefault((device, dtype, sn.n_power_iterations, sn.eps, sn.backend), []).append(item)
+        seen.append((weight._version, ptr, dtype, device))
     for (device, _, n_iter, eps, backend), members in groups.items():
         with torch.no_grad():
-            sigmas = spectral_norm_power_iteration_(
-                [w.detach() for _, w, _, _ in members], [u for _, _, u, _ in members],
-                [v for _, _, _, v in members], [sn.dim for sn, _, _, _ in members],
-                n_power_iterations=n_iter, eps=eps, backend=backend)
+            sigmas = power_iteration_checked_(
+                [w for _, w, _, _ in members], [u for _, _, u, _ in members], [v for _, _, _, v in members],
+                [sn.dim for sn, _, _, _ in members], n_power_iterations=n_iter, eps=eps, backend=backend)
             if check_finite and not _capturing(device):
                 _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w, _, _ in members])
-            buffers = [sn._sigma for sn, _, _, _ in members]
-            if all(b.dtype == sigmas.dtype for b in buffers):
-                torch._foreach_copy_(buffers, list(sigmas.unbind(0)))  # one launch, not one per layer
-            else:
-                for b, s in zip(buffers, sigmas.unbind(0)):
-                    b.copy_(s)
-        for sn, w, _, _ in members:
-            object.__setattr__(sn, "_seen", _weight_key(w))
-            object.__setattr__(sn, "_n_updates", sn._n_updates + 1)
+        for i, (sn, _, _, _) in enumerate(members):
+            object.__setattr__(sn, "_last_sigma", (sigmas, i))
+    for (sn, _, _, _), key in zip(items, seen):  # the power iteration does not write the weight
+        object.__setattr__(sn, "_seen", key)
+        object.__setattr__(sn, "_n_updates", sn._n_updates + 1)
 
 
 _CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch >= 2.8; older: no tag
@@ -374,7 +380,8 @@ def _update_after_step(optimizer: torch.optim.Optimizer) -> None:
         if p.grad is None:  # the optimizer skipped it
             continue
         if sn.training:
-            items.append((sn, p, sn._u, sn._v))
+            buffers = sn._buffers
+            items.append((sn, p, buffers["_u"], buffers["_v"]))
         else:
             object.__setattr__(sn, "_seen", None)  # eval: no update now, one at the next training forward
     if items:
@@ -440,13 +447,19 @@ def check_spectral_norms(model: nn.Module | Iterable[nn.Module]) -> None:
     Looks at the sigmas of the last updates (one device sync for the whole model): the check to
     run at log steps after ``set_check_finite(False)``.
     """
-    by_device: dict[torch.device, list[tuple[SpectralNorm, torch.Tensor]]] = {}
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for sn, w in spectral_norm_layers(model):
-        by_device.setdefault(sn._sigma.device, []).append((sn, w))
+        sigma = _last_sigma(sn)
+        by_device.setdefault(sigma.device, []).append((sigma, w))
     for members in by_device.values():
-        sigmas = torch.stack([(sn._sigma.abs() if sn._sigma.is_complex() else sn._sigma).to(torch.float64)
-                              for sn, _ in members])
+        sigmas = torch.stack([(s.abs() if s.is_complex() else s).to(torch.float64) for s, _ in members])
         _raise_if_degenerate(sigmas, [tuple(w.shape) for _, w in members])
+
+
+def _last_sigma(sn: SpectralNorm) -> torch.Tensor:
+    """sigma = u . W v of ``sn``'s last power iteration (0-dim view; a CUDA graph replay updates it)."""
+    sigmas, i = sn._last_sigma
+    return sigmas[i]
 
 
 # --- fuse_spectral_norms: one small state object per model ------------------------------------
@@ -548,7 +561,7 @@ def spectral_norm_state(model: nn.Module) -> dict[str, dict]:
     Restoring both with :func:`load_spectral_norm_state` makes a resumed run do exactly the power
     iterations the uninterrupted run does (none extra after loading), so resuming is bit-exact.
     """
-    return {name: {"sigma": sn._sigma.detach().clone(), "fresh": not sn.is_stale(weight)}
+    return {name: {"sigma": _last_sigma(sn).detach().clone(), "fresh": not sn.is_stale(weight)}
             for name, sn, weight in _layers_by_name(model)}
 
 
@@ -558,8 +571,8 @@ def load_spectral_norm_state(model: nn.Module, state: dict[str, dict]) -> None:
     for name, sn, weight in _layers_by_name(model):
         if name not in state:
             raise KeyError(f"checkpoint has no spectral norm state for {name!r}")
-        with torch.no_grad():
-            sn._sigma.copy_(state[name]["sigma"])
+        sigma = torch.as_tensor(state[name]["sigma"]).to(weight.device, accumulation_dtype(weight.dtype))
+        object.__setattr__(sn, "_last_sigma", (sigma.reshape(1), 0))
         if state[name]["fresh"]:
             sn.mark_fresh(weight)
         else:

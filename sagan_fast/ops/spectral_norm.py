@@ -103,6 +103,17 @@ def spectral_norm_power_iteration_(weights: Sequence[torch.Tensor], us: Sequence
     return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
 
+def power_iteration_checked_(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                             dims: list[int], *, n_power_iterations: int, eps: float,
+                             backend: str | None) -> torch.Tensor:
+    """:func:`spectral_norm_power_iteration_` for inputs already checked with
+    :func:`check_spectral_norm_inputs` (dims in [0, ndim)), all on one device with one weight dtype:
+    the backend is resolved from the first weight. For the per-step update of ``sagan_fast.nn``,
+    which checks each layer once and runs this after every optimizer step."""
+    name = _resolve(backend, [weights[0]], OP_POWER_ITERATION)
+    return backend_module(name, "spectral_norm").power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
+
+
 def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                             sigma: torch.Tensor | None = None, *, dim: int = 0,
                             backend: str | None = None) -> torch.Tensor:
