@@ -407,8 +407,9 @@ def update_table_main(args, device: torch.device) -> int:
             per_step = (counts[0] - 1) / (steps if not graph else 3 + 1)
             ok = abs(sigma - 1) <= 0.02 and all(c == counts[0] for c in counts) and per_step == 1
             failures += not ok
-            report.add(optimizer=name, form=form, backend=backend, steps=steps, sigma_W_sn=sigma,
-                       torch_sn_sigma=torch_sigma, updates_per_step=per_step, ok="yes" if ok else "NO")
+            report.add(optimizer=name, form=form, backend=backend, steps=steps, sigma_W_sn=f"{sigma:.5f}",
+                       torch_sn_sigma=f"{torch_sigma:.5f}", updates_per_step=f"{per_step:.2f}",
+                       ok="yes" if ok else "NO")
             say(f"  {name:9s} {form:22s} {backend:9s} sigma {sigma:.5f} (torch {torch_sigma:.5f}) "
                 f"updates/step {per_step:.2f} {time.perf_counter() - t0:.1f}s")
     columns = ["optimizer", "form", "backend", "steps", "sigma_W_sn", "torch_sn_sigma", "updates_per_step", "ok",
@@ -416,10 +417,10 @@ def update_table_main(args, device: torch.device) -> int:
     table = report.markdown(columns)
     notes = (f"\n\nsigma_W_sn: largest singular value of the W_sn the next training forward uses, after "
              f"{steps} steps (worst of the model's SN layers); torch_sn_sigma: the same with "
-             "torch.nn.utils.parametrizations.spectral_norm in the same loop (CPU-only forms, and the "
-             "CUDA-graph rows, from the same code); updates_per_step: power-iteration updates after the "
-             "first forward's, per optimizer step (CUDA-graph rows: per captured step, which every "
-             "replay runs). ok: sigma within 2% of 1 and one update per step.")
+             "torch.nn.utils.parametrizations.spectral_norm (one power iteration per forward) in the same "
+             "loop; updates_per_step: power-iteration updates after the first forward's, per optimizer "
+             "step (CUDA-graph rows: per captured step, which every replay runs). ok: sigma within 2% of "
+             "1 and one update per step.")
     print(table + notes)
     path = report.save_json(args.json)
     path.with_suffix(".md").write_text(table + notes + "\n")

@@ -292,3 +292,15 @@ def test_converted_hook_state_dict_loads_and_continues_the_run(pre_1_0, backend)
     # v, so this one iteration differs by ~1e-4 (both converge to the same singular vectors).
     ours.train(), old.train()
     assert_close(ours(x), old(x), rtol=1e-3, atol=1e-4)
+
+
+def test_readme_porting_example_runs():
+    """The README's porting section: its example converts and loads a hook-API state dict."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Porting a SAGAN"):]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    assert "parametrizations.weight.original" in str(list(namespace["D"].state_dict()))

@@ -402,3 +402,38 @@ def test_gpu_steps_inside_a_cuda_graph(kwargs, backend):
     assert any(not torch.equal(a, b) for a, b in zip(w_before, (w for w, _ in sn_weights(model))))
     assert all(abs(s - 1) < 2e-3 for s in next_forward_sigmas(model))
     assert update_counts(model) == counts, "fresh after the replays: the next forward does not iterate"
+
+
+# --- the benchmark script's update table, hook cost and timing run (small, CPU) ------------------
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "spectral_norm.py"
+    spec = importlib.util.spec_from_file_location("bench_spectral_norm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_update_table_and_hook_cost_run(tmp_path, capsys):
+    import json
+    bench = _bench()
+    out = tmp_path / "table.json"
+    assert bench.main(["--update-table", "--device", "cpu", "--backends", "reference", "--optimizers", "Adam,LBFGS",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["optimizer"], r["form"]) for r in rows} >= {("Adam", "fused"), ("Adam", "foreach"), ("LBFGS", "default")}
+    assert all(r["ok"] == "yes" and r["updates_per_step"] == "1.00" for r in rows), rows
+    assert bench.main(["--hook-cost", "--device", "cpu", "--backends", "reference", "--hook-reps", "20"]) == 0
+    assert "| reference |" in capsys.readouterr().out
+
+
+def test_bench_timing_ends_normalized(tmp_path):
+    import json
+    bench = _bench()
+    out = tmp_path / "timing.json"
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
+                       "--n-classes", "0", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if "max_sigma_minus_1" in r]
+    assert len(rows) == 2 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)

@@ -65,6 +65,7 @@ its layer outputs NaN/Inf.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from typing import Iterable
@@ -322,7 +323,8 @@ def _refresh_impl(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, layer_
 
 _refresh_op = torch.library.custom_op(
     "sagan_fast_nn::refresh_power_iteration_", _refresh_impl, mutates_args=("u", "v"),
-    **({"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None else {}))
+    **({"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None
+       and "tags" in inspect.signature(torch.library.custom_op).parameters else {}))
 _refresh_op.__doc__ = """Run time, inside a compiled graph: one power iteration of layer ``layer_id``
 on u, v if ``weight`` changed since its last one (version counter, address, dtype, device)."""
 
