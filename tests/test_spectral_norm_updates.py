@@ -437,3 +437,18 @@ def test_bench_timing_ends_normalized(tmp_path):
                        "--n-classes", "0", "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if "max_sigma_minus_1" in r]
     assert len(rows) == 2 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)
+
+
+def test_a_weight_tied_into_two_layers_updates_both():
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=False)
+    b.weight = a.weight  # tied
+    spectral_norm(a, backend="reference"), spectral_norm(b, backend="reference")
+    assert a.parametrizations.weight.original is b.parametrizations.weight.original
+    opt = torch.optim.Adam([a.parametrizations.weight.original], lr=1e-2, fused=True)
+    x = torch.randn(3, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        (a(x).square().sum() + b(x).sum()).backward()
+        opt.step()
+    assert update_counts(a) == [4] and update_counts(b) == [4]  # fused: no version counter to see it

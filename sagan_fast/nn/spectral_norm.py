@@ -20,7 +20,10 @@ of the weight, by two mechanisms:
    replay runs them exactly once per update (no finite check while capturing: it would sync).
    Inside ``torch.compile`` the hook runs eagerly after the compiled optimizer step (a graph
    break there). The parameter -> layer map is cached per optimizer and re-checked by identity
-   (``module.to()`` keeps the Parameter object; a new object is re-mapped).
+   every step (``module.to()`` keeps the Parameter object; a new object - ``swap_tensors``, a
+   re-registered ``original``, a deepcopy - is re-mapped; a weight tied into several layers
+   updates all of them). Host cost: a few microseconds per SN layer per step (bench/spectral_norm.py
+   ``--hook-cost``), plus the launches of the update itself.
 2. **Every other write** (``torch.no_grad()`` updates, ``copy_``, ``load_state_dict``, ``lerp_`` /
    EMA, ``.to()`` / ``.double()``, DDP's initial broadcast): the weight's autograd version counter,
    data pointer, dtype and device, compared lazily before the next training-mode forward.
@@ -46,7 +49,9 @@ multi-tensor launch, before its forward (a forward pre-hook, eager: one graph br
 entry under torch.compile); in eager mode it also computes every layer's W / sigma at once (triton:
 two launches forward, two backward, for the whole model), which the layers use during that
 forward. Under torch.compile, and for a layer called on its own, each layer normalizes its own
-weight. Which layers: every parametrization whose weight has 2+ dims; 1-D weights are normalized
+weight; a fused layer called on its own *inside a compiled region* trusts its model's last check
+(the optimizer hook still updates it; after another kind of write call
+:func:`update_spectral_norms` on the model). Which layers: every parametrization whose weight has 2+ dims; 1-D weights are normalized
 exactly by their own forward, as torch. Non-contiguous weights (channels_last convs) work, at the
 cost of a contiguous copy, and leave the model-level normalize to the per-layer path. Complex
 weights work as in torch (sigma = u^H W v), on the reference backend.
@@ -341,15 +346,15 @@ _OPTIMIZER_MAPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = wea
 
 
 def _map_optimizer(optimizer: torch.optim.Optimizer, sizes: tuple) -> list[tuple]:
-    by_id = {}
+    by_id: dict[int, list[SpectralNorm]] = {}
     for ref in list(_LAYERS.values()):
         sn = ref()
         if sn is None or not hasattr(sn, "_u"):
             continue
         weight = _raw_weight(sn)
         if weight is not None:
-            by_id[id(weight)] = sn
-    pairs = [(p, by_id[id(p)]) for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
+            by_id.setdefault(id(weight), []).append(sn)  # a list: a weight tied into several layers
+    pairs = [(p, sn) for group in optimizer.param_groups for p in group["params"] for sn in by_id.get(id(p), ())]
     _OPTIMIZER_MAPS[optimizer] = (_GENERATION, sizes, pairs)
     return pairs
 
@@ -390,6 +395,8 @@ def _update_after_step(optimizer: torch.optim.Optimizer) -> None:
         _power_iterate(items, None)
 
 
+# A step that skipped its update on the device (fused optimizer + GradScaler after an inf) still
+# gets its iteration here: harmless, u and v just move closer to the unchanged weight's.
 _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
