@@ -50,6 +50,9 @@ def test_sn_layer_matches_torch_layer_with_torch_sn(case):
             opt.step()
     g_ours, g_theirs = ours.parametrizations.weight.original, theirs.parametrizations.weight.original
     assert_close_report(g_ours, g_theirs, atol=1e-12, rtol=1e-10, name=f"{case} weight after 2 steps")
+    # Ours iterated right after the last step, torch iterates at its next training forward: after
+    # one, both hold u, v of the current weight, and eval uses them.
+    assert_close_report(ours(x), theirs(x), atol=1e-12, rtol=1e-10, name=f"{case} after the last step")
     ours.eval(), theirs.eval()
     assert_close_report(ours(x), theirs(x), atol=1e-12, rtol=1e-10, name=f"{case} eval")
 
@@ -179,3 +182,86 @@ def test_layers_are_exported_and_behave_like_torch_layers():
     # The forward is exactly F.conv2d with the normalized weight.
     assert_close_report(out, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-6, rtol=1e-5,
                         name="SNConv2d forward")
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-in frictions: backend=, BigGAN's conditioning vector, the attention map
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, args", [(SNLinear, (8, 4)), (SNConv2d, (3, 4, 3)), (SNConvTranspose2d, (3, 4, 3)),
+                                       (SNEmbedding, (5, 3))], ids=lambda c: getattr(c, "__name__", ""))
+def test_sn_layers_take_backend_as_the_readme_says(cls, args):
+    assert cls(*args, backend="reference").parametrizations.weight[0].backend == "reference"
+    assert cls(*args, sn_backend="reference").parametrizations.weight[0].backend == "reference"  # older name
+    assert cls(*args, backend="reference", sn_backend="reference").parametrizations.weight[0].backend == "reference"
+    with pytest.raises(ValueError, match="backend='reference' and sn_backend='triton' disagree"):
+        cls(*args, backend="reference", sn_backend="triton")
+
+
+def test_snlinear_backend_triton_runs():
+    import os
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    layer = SNLinear(8, 4, backend="triton")
+    ref = SNLinear(8, 4, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8)
+    assert_close_report(layer(x), ref(x), atol=1e-6, rtol=1e-5, name="triton vs reference")
+
+
+def test_conditional_batch_norm_with_a_float_vector_is_biggans_form():
+    cbn = ConditionalBatchNorm2d(5, cond_dim=6, eps=1e-3, backend="reference").double()
+    assert isinstance(cbn.cond_gain.parametrizations.weight[0], SpectralNorm)  # SN linear maps
+    assert cbn.cond_bias.bias is None and not hasattr(cbn, "gain")
+    x = torch.randn(4, 5, 3, 7, dtype=torch.float64) * 3 + 1
+    c = torch.randn(4, 6, dtype=torch.float64)
+    out = cbn(x, c)
+    gain = 1 + c @ cbn.cond_gain.weight.t()
+    bias = c @ cbn.cond_bias.weight.t()
+    expected = gain[:, :, None, None] * _batch_norm_by_hand(x, 1e-3) + bias[:, :, None, None]
+    assert_close_report(out, expected, atol=1e-12, rtol=1e-10, name="vector-conditioned cbn")
+    out.square().sum().backward()
+    assert cbn.cond_gain.parametrizations.weight.original.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"shape \(4, 6\)"):
+        cbn(x, c[:, :5])
+    with pytest.raises(TypeError, match="construct it with n_classes="):
+        cbn(x, torch.tensor([0, 1, 0, 1]))
+
+
+def test_conditional_batch_norm_with_both_forms():
+    cbn = ConditionalBatchNorm2d(3, n_classes=4, cond_dim=2)
+    x = torch.randn(2, 3, 4, 4)
+    assert cbn(x, torch.tensor([1, 3])).shape == cbn(x, torch.randn(2, 2)).shape == x.shape
+    with pytest.raises(TypeError, match="cond_dim=<vector size>"):
+        ConditionalBatchNorm2d(3, n_classes=4)(x, torch.randn(2, 2))
+    with pytest.raises(ValueError, match="cond_dim"):
+        ConditionalBatchNorm2d(3)
+
+
+@pytest.mark.parametrize("biggan", [False, True], ids=["paper", "biggan"])
+def test_self_attention_returns_the_attention_map_when_asked(biggan):
+    from sagan_fast.nn import SelfAttention2d
+    torch.manual_seed(3)
+    kwargs = dict(pool_keys=True, value_channels=8, out_conv=True) if biggan else {}
+    block = SelfAttention2d(16, backend="reference", **kwargs).double()
+    with torch.no_grad():
+        block.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 6, 4, dtype=torch.float64)
+    y, attention = block(x, return_attention=True)
+    n, nk = 6 * 4, (3 * 2 if biggan else 6 * 4)
+    assert attention.shape == (2, n, nk)
+    assert_close_report(attention.sum(-1), torch.ones(2, n, dtype=torch.float64), atol=1e-12, rtol=0, name="rows")
+    assert_close_report(y, block(x), atol=1e-12, rtol=1e-10, name="y with and without the map")
+    # the map is the one y is made of: o = h attention^T, y = x + gamma * out(o)
+    f = F.conv2d(x, block.query.weight).flatten(2)
+    g = F.conv2d(x, block.key.weight)
+    if biggan:
+        g = F.max_pool2d(g, 2)
+    expected = torch.softmax(f.transpose(1, 2) @ g.flatten(2), dim=-1)
+    assert_close_report(attention, expected, atol=1e-12, rtol=1e-10, name="attention map")
+
+
+def test_self_attention_wrong_value_channels_says_what_to_pass():
+    from sagan_fast.nn import SelfAttention2d
+    with pytest.raises(ValueError, match=r"pass value_channels=64 \(or leave it out\).*or out_conv=True"):
+        SelfAttention2d(64, value_channels=32)

@@ -164,9 +164,8 @@ def test_normalize_gradcheck_float64():
     from sagan_fast.ops.triton import spectral_norm as tsn
     w, u, v = _random_problem((5, 2, 3), 1, torch.float64)
 
-    def f(weight):
-        sigma = reference.spectral_norm_sigma(reference.weight_to_matrix(weight.detach(), 1), u, v)
-        return tsn.normalize(weight, u, v, sigma, 1)
+    def f(weight):  # sigma is recomputed from the (perturbed) weight inside the op
+        return tsn.normalize(weight, u, v, 1)
     assert torch.autograd.gradcheck(f, (w.requires_grad_(),), eps=1e-6, atol=1e-8)
 
 
@@ -175,7 +174,7 @@ def test_opcheck():
     from sagan_fast.ops.triton import spectral_norm as tsn
     w, u, v = _random_problem((7, 3, 3), 0, torch.float32)
     sigma = reference.spectral_norm_sigma(reference.weight_to_matrix(w, 0), u, v)
-    torch.library.opcheck(tsn._normalize_op, (w.requires_grad_(), u, v, sigma, 0))
+    torch.library.opcheck(tsn._normalize_op, (w.requires_grad_(), u, v, 0))
     g = torch.randn_like(w)
     torch.library.opcheck(tsn._normalize_backward_op, (g, w.detach(), u, v, sigma, 0))
     w2, u2, v2 = _random_problem((3, 5, 2), 1, torch.float32)
@@ -195,8 +194,6 @@ def test_bad_inputs_raise_before_launch():
     with pytest.raises(ValueError, match="contiguous"):
         u2 = torch.randn(14)[::2]
         spectral_norm_power_iteration_([w], [u2], [v], [0], backend="triton")
-    with pytest.raises(ValueError, match="sigma must be a one-element"):
-        spectral_norm_normalize(w, u, v, torch.ones(2), backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
         spectral_norm_power_iteration_([w], [u], [v], [0], backend="tritn")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -217,12 +214,10 @@ def test_normalize_multi_matches_reference(dtype, capturing, monkeypatch):
     monkeypatch.setattr(tsn, "_PLANS", {})
     problems = [_random_problem(s, d, torch.float64) for s, d, _ in WEIGHTS]
     dims = [d for _, d, _ in WEIGHTS]
-    sigmas = [reference.spectral_norm_sigma(reference.weight_to_matrix(w, d), u, v).to(
-        torch.promote_types(dtype, torch.float32)) for (w, u, v), d in zip(problems, dims)]
     grads = [torch.randn_like(w) for w, _, _ in problems]
     ws = [w.detach().clone().to(dtype).requires_grad_() for w, _, _ in problems]
     outs = spectral_norm_normalize_multi(ws, [u.to(dtype) for _, u, v in problems],
-                                         [v.to(dtype) for _, u, v in problems], sigmas, dims, backend="triton")
+                                         [v.to(dtype) for _, u, v in problems], dims, backend="triton")
     skip = 2  # no gradient flows to this output
     if capturing:
         monkeypatch.setattr(tsn, "_capturing", lambda device: True)
@@ -262,8 +257,7 @@ def test_no_new_tables_while_capturing(monkeypatch):
 def test_normalize_multi_detects_in_place_change_of_u():
     from sagan_fast.ops.triton import spectral_norm as tsn
     w, u, v = _random_problem((5, 7), 0, torch.float32)
-    sigma = reference.spectral_norm_sigma(reference.weight_to_matrix(w, 0), u, v)
-    (out,) = tsn.normalize_multi([w.requires_grad_()], [u], [v], [sigma], [0])
+    (out,) = tsn.normalize_multi([w.requires_grad_()], [u], [v], [0])
     u.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
@@ -331,14 +325,13 @@ def test_several_steps_match_torch_parametrization(kind, backend):
     nn.utils.parametrizations.spectral_norm(theirs)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, theirs)]
     for step in range(3):
-        outs = []
-        for m, opt in zip((ours, theirs), opts):
-            out = m(x)
-            out.square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            outs.append(out.detach())
+        # Compared after both forwards: torch iterates in its forward, ours ran the same iteration
+        # on the same weight right after the previous optimizer step (or at its first forward).
+        outs = [m(x) for m in (ours, theirs)]
         pw_o, pw_t = ours.parametrizations.weight, theirs.parametrizations.weight
+        for out, opt in zip(outs, opts):
+            out.square().mean().backward()
+        outs = [o.detach() for o in outs]
         if backend == "reference":
             # same ops in the same order: bitwise equal
             assert torch.equal(outs[0], outs[1]), f"step {step}: outputs differ"
@@ -351,6 +344,9 @@ def test_several_steps_match_torch_parametrization(kind, backend):
             assert_close_report(pw_o.original, pw_t.original, atol=1e-5, rtol=1e-4, name="weight")
             assert_close_report(pw_o[0]._u, pw_t[0]._u, atol=1e-5, rtol=0, name="u")
             assert_close_report(pw_o[0]._v, pw_t[0]._v, atol=1e-5, rtol=0, name="v")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
 
 
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
@@ -493,27 +489,24 @@ def test_channels_last_weights_match_contiguous():
         assert_close_report(w2.grad, w.grad, atol=1e-6, rtol=1e-5, name="dW")
 
 
-def test_update_once_per_weight_version_and_fused_hook():
+def test_update_once_per_weight_version_and_fused_hook(monkeypatch):
     torch.manual_seed(8)
     g, d = _tiny_gan("reference")
     calls = []
-    original = sn_mod.spectral_norm_power_iteration_
+    original = sn_mod.power_iteration_checked_
 
     def counting(*args, **kwargs):
         calls.append(len(args[0]))
         return original(*args, **kwargs)
-    sn_mod.spectral_norm_power_iteration_ = counting
-    try:
-        x = torch.randn(2, 3, 4, 4)
-        d(x)
-        d(x)  # same weights: no second update
-        assert calls == [2], calls  # both SN weights of D in one multi-tensor call
-        with torch.no_grad():
-            d[0].parametrizations.weight.original.add_(0.01)
-        d(x)
-        assert calls == [2, 1], calls  # only the changed weight is stale again
-    finally:
-        sn_mod.spectral_norm_power_iteration_ = original
+    monkeypatch.setattr(sn_mod, "power_iteration_checked_", counting)
+    x = torch.randn(2, 3, 4, 4)
+    d(x)
+    d(x)  # same weights: no second update
+    assert calls == [2], calls  # both SN weights of D in one multi-tensor call
+    with torch.no_grad():
+        d[0].parametrizations.weight.original.add_(0.01)
+    d(x)
+    assert calls == [2, 1], calls  # only the changed weight is stale again
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=_triton_ok)])
@@ -581,19 +574,29 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(T._rmatvec_kernel, {**pi, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "ACC", "BLOCK_R", "BLOCK_K", "BLOCK_N"], "constexpr")},
               {"W_DTYPE": wt, "U_DTYPE": wt, "ACC": tl.float32, "BLOCK_R": 16, "BLOCK_K": 128, "BLOCK_N": 1024})
         mt = {"items_ptr": "*i32", "ptrs_ptr": "*i64", "grad_ptrs_ptr": "*i64", "meta_ptr": "*i32", "part_ptr": "*fp32"}
-        build(T._scale_multi_kernel, {"items_ptr": "*i32", "ptrs_ptr": "*i64", "meta_ptr": "*i32",
-                                      "out_ptr": "*fp32" if wt == tl.float32 else "*bf16", "W_DTYPE": "constexpr", "S_DTYPE": "constexpr", "BLOCK": "constexpr"},
-              {"W_DTYPE": wt, "S_DTYPE": tl.float32, "BLOCK": 2048})
+        mn = {"items_ptr": "*i32", "ptrs_ptr": "*i64", "meta_ptr": "*i32", "part_ptr": "*fp32"}
+        build(T._uwv_partials_multi_kernel, {**mn, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "V_DTYPE", "ACC", "BLOCK"], "constexpr")},
+              {"W_DTYPE": wt, "U_DTYPE": wt, "V_DTYPE": wt, "ACC": tl.float32, "BLOCK": 1024})
+        build(T._scale_multi_kernel, {**mn, "sigma_ptr": "*fp32", "out_ptr": "*fp32" if wt == tl.float32 else "*bf16",
+                                      "W_DTYPE": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"},
+              {"W_DTYPE": wt, "ACC": tl.float32, "BLOCK": 2048, "BLOCK_P": 512})
         build(T._dot_partials_multi_kernel, {**mt, **dict.fromkeys(["W_DTYPE", "ACC", "BLOCK"], "constexpr")},
               {"W_DTYPE": wt, "ACC": tl.float32, "BLOCK": 1024})
         build(T._normalize_backward_multi_kernel,
-              {**mt, **dict.fromkeys(["W_DTYPE", "U_DTYPE", "V_DTYPE", "S_DTYPE", "ACC", "BLOCK", "BLOCK_P"], "constexpr")},
-              {"W_DTYPE": wt, "U_DTYPE": wt, "V_DTYPE": wt, "S_DTYPE": tl.float32, "ACC": tl.float32, "BLOCK": 2048, "BLOCK_P": 512})
+              {**mt, "sigma_ptr": "*fp32", **dict.fromkeys(["W_DTYPE", "U_DTYPE", "V_DTYPE", "ACC", "BLOCK", "BLOCK_P"], "constexpr")},
+              {"W_DTYPE": wt, "U_DTYPE": wt, "V_DTYPE": wt, "ACC": tl.float32, "BLOCK": 2048, "BLOCK_P": 512})
         build(T._finalize_kernel, {"ptrs_ptr": "*i64", "meta_ptr": "*i32", "s_part_ptr": "*fp32", "sigma_ptr": "*fp32",
                                    "eps_ptr": "*fp32", "V_DTYPE": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"},
               {"V_DTYPE": wt, "ACC": tl.float32, "BLOCK": 1024})
-    build(T._scale_kernel, {"w_ptr": "*bf16", "sigma_ptr": "*fp32", "out_ptr": "*bf16", "numel": "i32", "BLOCK": "constexpr"},
-          {"BLOCK": 1024})
+    build(T._uwv_partials_kernel, {"w_ptr": "*bf16", "u_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "numel": "i32",
+                                   "chunk": "i32", "B": "i32", "C": "i32", "ACC": "constexpr", "BLOCK": "constexpr"},
+          {"ACC": tl.float32, "BLOCK": 1024})
+    build(T._uwv_partials_kernel, {"w_ptr": "*fp32", "u_ptr": "*fp32", "v_ptr": "*fp32", "part_ptr": "*fp32", "numel": "i32",
+                                   "chunk": "constexpr", "B": "constexpr", "C": "i32", "ACC": "constexpr", "BLOCK": "constexpr"},
+          {"chunk": 1, "B": 1, "ACC": tl.float32, "BLOCK": 1024})
+    build(T._scale_kernel, {"w_ptr": "*bf16", "part_ptr": "*fp32", "n_parts": "i32", "out_ptr": "*bf16", "sigma_ptr": "*fp32",
+                            "numel": "i32", "ACC": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"},
+          {"ACC": tl.float32, "BLOCK": 1024, "BLOCK_P": 512})
     build(T._dot_partials_kernel, {"g_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32", "numel": "i32", "chunk": "i32",
                                    "ACC": "constexpr", "BLOCK": "constexpr"}, {"ACC": tl.float32, "BLOCK": 1024})
     build(T._normalize_backward_kernel, {"g_ptr": "*bf16", "u_ptr": "*bf16", "v_ptr": "*bf16", "sigma_ptr": "*fp32",
@@ -668,11 +671,9 @@ def test_gpu_sagan128_normalize_multi(dtype):
     shapes = _sagan128_weight_shapes()
     problems = [_random_problem(s, d, dtype, device="cuda") for s, d in shapes]
     dims = [d for _, d in shapes]
-    sigmas = [reference.spectral_norm_sigma(reference.weight_to_matrix(w.float(), d), u.float(), v.float())
-              for (w, u, v), d in zip(problems, dims)]
     ws = [w.clone().requires_grad_() for w, _, _ in problems]
     outs = spectral_norm_normalize_multi(ws, [u for _, u, _ in problems], [v for _, _, v in problems],
-                                         sigmas, dims, backend="triton")
+                                         dims, backend="triton")
     grads = [torch.randn_like(o, dtype=torch.float64) for o in outs]
     torch.autograd.backward(outs, [g.to(dtype) for g in grads])
     rt = 1e-5 if dtype == torch.float32 else 2e-2  # as test_gpu_sagan128_sizes

@@ -1,15 +1,16 @@
 """Drop-in layers for any GAN: spectral norm, SN layers, self-attention, conditional BN."""
 
 from .spectral_norm import (SpectralNorm, SpectralNormError, assert_normalized, check_spectral_norms,
-                            fuse_spectral_norms, load_spectral_norm_state, mark_weights_changed,
-                            normalized_sigmas, set_check_finite, spectral_norm, spectral_norm_layers,
-                            spectral_norm_sigmas, spectral_norm_state, update_spectral_norms)
+                            convert_hook_spectral_norm_state_dict, fuse_spectral_norms,
+                            load_spectral_norm_state, mark_weights_changed, normalized_sigmas,
+                            set_check_finite, spectral_norm, spectral_norm_layers, spectral_norm_sigmas,
+                            spectral_norm_state, spectral_norm_update_counts, update_spectral_norms)
 
 __all__ = [
-    "SpectralNorm", "SpectralNormError", "assert_normalized", "check_spectral_norms", "fuse_spectral_norms",
-    "load_spectral_norm_state", "mark_weights_changed", "normalized_sigmas", "set_check_finite",
-    "spectral_norm", "spectral_norm_layers", "spectral_norm_sigmas", "spectral_norm_state",
-    "update_spectral_norms",
+    "SpectralNorm", "SpectralNormError", "assert_normalized", "check_spectral_norms",
+    "convert_hook_spectral_norm_state_dict", "fuse_spectral_norms", "load_spectral_norm_state",
+    "mark_weights_changed", "normalized_sigmas", "set_check_finite", "spectral_norm", "spectral_norm_layers",
+    "spectral_norm_sigmas", "spectral_norm_state", "spectral_norm_update_counts", "update_spectral_norms",
 ]
 
 from .attention import SelfAttention2d  # noqa: E402

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import reference
 from ..ops.attention import sagan_attention
 from .spectral_norm import spectral_norm
 
@@ -18,23 +19,36 @@ class SelfAttention2d(nn.Module):
     BigGAN form: ``pool_keys=True`` (2x2 max-pool of keys and values, Nk = N/4),
     ``value_channels=C//2``, ``out_conv=True`` (1x1 conv back to C). Every 1x1 conv is spectrally
     normalized (``sn=False`` to turn it off) and bias-free; ``gamma`` starts at 0 so the block is the
-    identity at initialization. ``backend`` picks the attention kernels (None: SAGAN_FAST_BACKEND).
+    identity at initialization. ``backend`` picks the attention kernels (None: SAGAN_FAST_BACKEND)
+    and, unless ``sn_backend`` says otherwise, the spectral-norm kernels of the convs.
+
+    ``forward(x, return_attention=True)`` returns ``(y, attention)`` with the (B, N, Nk) softmax map
+    (row i: query position i over the key positions), as SAGAN code that plots attention expects.
+    That call runs the plain-PyTorch reference attention, which materializes the map; the fused
+    kernels never do, so ask for it only where you look at it.
     """
 
     def __init__(self, channels: int, value_channels: int | None = None, pool_keys: bool = False,
                  out_conv: bool = False, key_channels: int | None = None, sn: bool = True,
-                 backend: str | None = None, eps: float = 1e-12) -> None:
+                 backend: str | None = None, eps: float = 1e-12, *, sn_backend: str | None = None) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}")
         key_channels = key_channels or max(channels // 8, 1)
         value_channels = value_channels or channels
+        if key_channels < 1 or value_channels < 1:
+            raise ValueError(f"SelfAttention2d: key_channels and value_channels must be positive, got "
+                             f"{key_channels} and {value_channels}")
         if not out_conv and value_channels != channels:
-            raise ValueError(f"value_channels ({value_channels}) must equal channels ({channels}) "
-                             "without out_conv=True (nothing maps the values back to C channels)")
+            raise ValueError(
+                f"SelfAttention2d({channels}): value_channels={value_channels} needs out_conv=True (a 1x1 "
+                f"conv that maps the {value_channels} value channels back to {channels}); pass "
+                f"value_channels={channels} (or leave it out) for the paper's block, or out_conv=True for "
+                f"BigGAN's (usually with value_channels={max(channels // 2, 1)} and pool_keys=True)")
         self.channels, self.key_channels, self.value_channels = channels, key_channels, value_channels
         self.pool_keys, self.backend = pool_keys, backend
-        wrap = (lambda m: spectral_norm(m, eps=eps)) if sn else (lambda m: m)
+        sn_backend = backend if sn_backend is None else sn_backend
+        wrap = (lambda m: spectral_norm(m, eps=eps, backend=sn_backend)) if sn else (lambda m: m)
         self.query = wrap(nn.Conv2d(channels, key_channels, 1, bias=False))
         self.key = wrap(nn.Conv2d(channels, key_channels, 1, bias=False))
         self.value = wrap(nn.Conv2d(channels, value_channels, 1, bias=False))
@@ -46,7 +60,7 @@ class SelfAttention2d(nn.Module):
                 f"value_channels={self.value_channels}, pool_keys={self.pool_keys}, "
                 f"out_conv={self.out is not None}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SelfAttention2d({self.channels}) expects (B, {self.channels}, H, W), "
                              f"got {tuple(x.shape)}")
@@ -59,17 +73,24 @@ class SelfAttention2d(nn.Module):
         q = f.flatten(2).transpose(1, 2)
         k = g.flatten(2).transpose(1, 2)
         v = h.flatten(2).transpose(1, 2)
-        o = sagan_attention(q, k, v, backend=self.backend)          # (B, N, Ev)
+        attention = None
+        if return_attention:
+            attention = reference.sagan_attention_weights(q, k)  # (B, N, Nk); SAGAN: no scale
+            o = torch.bmm(attention, v)
+        else:
+            o = sagan_attention(q, k, v, backend=self.backend)          # (B, N, Ev)
         # Free for the Triton backend: its output is channel-major when v is.
         o = o.transpose(1, 2).reshape(B, self.value_channels, H, W)
         if self.out is not None:
             o = self.out(o)
         if x.dtype == o.dtype == self.gamma.dtype:
             # x + gamma * o in one elementwise pass (one kernel instead of a multiply and an add).
-            return torch.addcmul(x, self.gamma, o)
-        # Mixed dtypes (autocast): CUDA autocast "promotes" addcmul to the widest input, gamma's
-        # fp32, where x + gamma * o keeps the activations' dtype (gamma is 0-dim).
-        return x + self.gamma * o
+            y = torch.addcmul(x, self.gamma, o)
+        else:
+            # Mixed dtypes (autocast): CUDA autocast "promotes" addcmul to the widest input, gamma's
+            # fp32, where x + gamma * o keeps the activations' dtype (gamma is 0-dim).
+            y = x + self.gamma * o
+        return (y, attention) if return_attention else y
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """f, g, h (g and h pooled in the BigGAN form) with as few passes over x as possible.

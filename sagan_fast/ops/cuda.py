@@ -7,7 +7,7 @@ this module adds what is simplest in Python: their autograd formulas and fake (m
 :mod:`sagan_fast.ops.attention` dispatch to:
 
 - ``power_iteration_(weights, us, vs, dims, n_power_iterations, eps) -> sigmas``
-- ``normalize(weight, u, v, sigma, dim) -> weight / sigma`` (differentiable in weight)
+- ``normalize(weight, u, v, dim) -> weight / (u . W v)`` (differentiable in weight)
 - ``sagan_attention(q, k, v, scale) -> out`` (differentiable in q, k, v)
 
 Importing this module needs the built extension (``pip install -e . --no-build-isolation``).
@@ -148,17 +148,22 @@ def _as_work_vector(vec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return vec.to(dtype).contiguous()
 
 
-def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-              dim: int) -> torch.Tensor:
-    """weight / sigma; backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant."""
-    if not isinstance(sigma, torch.Tensor):
-        sigma = torch.tensor(float(sigma), dtype=_acc_dtype(weight.dtype), device=weight.device)
+def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """weight / (u . W v); backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant.
+
+    sigma is computed here, from this very weight (a matrix-vector product and a dot in the
+    accumulation dtype), and handed to the extension op, whose signature takes it.
+    """
     u, v = u.detach(), v.detach()
     if u.dtype != weight.dtype:
         u = u.to(weight.dtype)
     if v.dtype != weight.dtype:
         v = v.to(weight.dtype)
-    return _ops.ext_spectral_norm_normalize(weight, u, v, sigma.detach(), int(dim))
+    with torch.no_grad():
+        acc = _acc_dtype(weight.dtype)
+        mat = weight.detach().movedim(dim, 0).reshape(weight.shape[dim], -1).to(acc)
+        sigma = torch.dot(u.to(acc), torch.mv(mat, v.to(acc)))
+    return _ops.ext_spectral_norm_normalize(weight, u, v, sigma, int(dim))
 
 
 def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -95,10 +95,15 @@ def sagan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     q (B, N, E), k (B, Nk, E), v (B, Nk, Ev) -> (B, N, Ev). SAGAN uses no 1/sqrt(E) scale.
     The naive form: it builds the (B, N, Nk) matrix, in the inputs' dtype.
     """
+    return torch.bmm(sagan_attention_weights(q, k, scale), v)
+
+
+def sagan_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The (B, N, Nk) attention map softmax_j(scale * q[b, i] . k[b, j]) (rows sum to 1)."""
     scores = torch.bmm(q, k.transpose(1, 2))
     if scale != 1.0:
         scores = scores * scale
-    return torch.bmm(torch.softmax(scores, dim=-1), v)
+    return torch.softmax(scores, dim=-1)
 
 
 def sagan_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

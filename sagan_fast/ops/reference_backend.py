@@ -33,8 +33,8 @@ def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
     return torch.stack(sigmas)
 
 
-def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-              dim: int) -> torch.Tensor:
-    """W / (u . W v), sigma recomputed with autograd from this weight (``sigma`` is not used)."""
+def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """W / (u . W v), sigma from this weight, differentiated by autograd (u, v constants): torch's
+    own formula (``torch.vdot(u, torch.mv(W, v))``, so complex weights work as in torch)."""
     mat = reference.weight_to_matrix(weight, dim)
-    return weight / reference.spectral_norm_sigma(mat, u.to(weight.dtype), v.to(weight.dtype))
+    return weight / reference.spectral_norm_sigma(mat, u.detach().to(weight.dtype), v.detach().to(weight.dtype))

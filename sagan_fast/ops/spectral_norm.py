@@ -4,13 +4,18 @@ Two ops, split where the math splits:
 
 - :func:`spectral_norm_power_iteration_` updates u and v of *many* weights at once (no autograd;
   it runs once per weight update) and returns each sigma = u . W v, as float32.
-- :func:`spectral_norm_normalize` is ``W / sigma`` for one weight, differentiable in W with u and v
-  constant: ``dW = (G - <G, W_sn> u v^T) / sigma``.
+- :func:`spectral_norm_normalize` is ``W / (u . W v)`` for one weight, differentiable in W with u
+  and v constant: ``dW = (G - <G, W_sn> u v^T) / sigma``. Every backend computes sigma from the very
+  weight it normalizes, so a weight written behind the power iteration's back (``.data``, C++) is
+  still divided by its own u . W v, identically on every backend.
 
 Each backend module (``reference_backend``, ``triton.spectral_norm``, ``cuda``; see
 :func:`sagan_fast.ops.backend_modules.backend_module`) provides
 ``power_iteration_(weights, us, vs, dims, n_power_iterations, eps)`` and
-``normalize(weight, u, v, sigma, dim)`` with these exact semantics.
+``normalize(weight, u, v, dim)`` with these exact semantics.
+
+Complex weights (torch's spectral norm supports them: sigma = u^H W v) run on the reference
+backend whatever backend is asked for; the kernels are real-valued.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Sequence
 import torch
 
 from . import reference
-from ._backend import accumulation_dtype, resolve_backend
+from ._backend import accumulation_dtype, requested_backend, resolve_backend
 from .backend_modules import backend_module
 
 OP_POWER_ITERATION = "spectral_norm_power_iteration"
@@ -32,11 +37,15 @@ def _matrix_shape(weight: torch.Tensor, dim: int) -> tuple[int, int]:
     return rows, weight.numel() // max(rows, 1)
 
 
+def _is_float_or_complex(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
                                where: str) -> int:
     """Clear errors before any launch; returns dim normalized to [0, ndim)."""
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"{where}: weight must be a floating-point tensor, got {type(weight).__name__}"
+    if not isinstance(weight, torch.Tensor) or not _is_float_or_complex(weight):
+        raise TypeError(f"{where}: weight must be a floating-point or complex tensor, got {type(weight).__name__}"
                         + (f" of dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else ""))
     if weight.ndim < 2:
         raise ValueError(f"{where}: weight must have at least 2 dimensions, got shape {tuple(weight.shape)}")
@@ -53,9 +62,19 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
                              f"{tuple(weight.shape)} with dim={dim}, got {shape}")
         if vec.device != weight.device:
             raise ValueError(f"{where}: {name} is on {vec.device} but the weight is on {weight.device}")
-        if not vec.is_floating_point():
-            raise TypeError(f"{where}: {name} must be floating point, got {vec.dtype}")
+        if not _is_float_or_complex(vec) or vec.is_complex() != weight.is_complex():
+            raise TypeError(f"{where}: {name} must be {'complex' if weight.is_complex() else 'floating point'} "
+                            f"like the weight ({weight.dtype}), got {vec.dtype}")
     return dim
+
+
+def _resolve(backend: str | None, tensors, op: str) -> str:
+    """The backend that runs ``op``: complex tensors always go to the reference (the kernels are
+    real-valued), after the requested backend name itself was validated."""
+    if any(t.is_complex() for t in tensors):
+        requested_backend(backend)  # an unknown name is still an error
+        return "reference"
+    return resolve_backend(backend, *tensors, op=op)
 
 
 @torch.no_grad()
@@ -79,49 +98,61 @@ def spectral_norm_power_iteration_(weights: Sequence[torch.Tensor], us: Sequence
         return torch.empty(0, dtype=torch.float32)
     dims = [check_spectral_norm_inputs(w, u, v, d, "spectral_norm_power_iteration_")
             for w, u, v, d in zip(weights, us, vs, dims)]
-    name = resolve_backend(backend, *weights, *us, *vs, op=OP_POWER_ITERATION)
+    name = _resolve(backend, [*weights, *us, *vs], OP_POWER_ITERATION)
     module = backend_module(name, "spectral_norm")
     return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
 
-def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                            sigma: torch.Tensor, *, dim: int = 0, backend: str | None = None) -> torch.Tensor:
-    """``weight / sigma``, differentiable in weight with u, v constant (sigma = u . W v).
+def power_iteration_checked_(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                             dims: list[int], *, n_power_iterations: int, eps: float,
+                             backend: str | None) -> torch.Tensor:
+    """:func:`spectral_norm_power_iteration_` for inputs already checked with
+    :func:`check_spectral_norm_inputs` (dims in [0, ndim)), all on one device with one weight dtype:
+    the backend is resolved from the first weight. For the per-step update of ``sagan_fast.nn``,
+    which checks each layer once and runs this after every optimizer step."""
+    name = _resolve(backend, [weights[0]], OP_POWER_ITERATION)
+    return backend_module(name, "spectral_norm").power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
-    ``sigma`` must be u . W v for this very weight (from :func:`spectral_norm_power_iteration_` or
-    :func:`spectral_norm_sigma`); the reference backend recomputes it with autograd instead.
+
+def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                            sigma: torch.Tensor | None = None, *, dim: int = 0,
+                            backend: str | None = None) -> torch.Tensor:
+    """``weight / (u . W v)``, sigma computed from this very weight; differentiable in weight with
+    u, v constant (backward ``(G - <G, W_sn> u v^T) / sigma``).
+
+    ``sigma`` is accepted for callers of the earlier signature and **not used**: every backend
+    recomputes u . W v from ``weight`` (one extra pass over W), so no backend can divide a weight by
+    a sigma that belongs to another weight, and all backends give the same W_sn for the same
+    weight, u and v.
     """
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_normalize")
-    name = resolve_backend(backend, weight, u, v, op=OP_NORMALIZE)
-    return backend_module(name, "spectral_norm").normalize(weight, u, v, sigma, dim)
+    name = _resolve(backend, [weight, u, v], OP_NORMALIZE)
+    return backend_module(name, "spectral_norm").normalize(weight, u, v, dim)
 
 
 def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
-                                  vs: Sequence[torch.Tensor], sigmas: Sequence[torch.Tensor],
-                                  dims: Sequence[int], *, backend: str | None = None) -> list[torch.Tensor]:
-    """:func:`spectral_norm_normalize` for many weights: one launch (per dtype group) on triton,
-    a loop elsewhere. Eager autograd (torch.compile: use the per-weight op).
-
-    ``sigmas`` are one-element tensors kept in place between calls (the layers' sigma buffers).
-    """
-    weights, us, vs, sigmas, dims = list(weights), list(us), list(vs), list(sigmas), list(dims)
-    if not (len(weights) == len(us) == len(vs) == len(sigmas) == len(dims)):
+                                  vs: Sequence[torch.Tensor], dims: Sequence[int], *,
+                                  backend: str | None = None) -> list[torch.Tensor]:
+    """:func:`spectral_norm_normalize` for many weights: two launches (per dtype group) on triton,
+    a loop elsewhere. Eager autograd (torch.compile: use the per-weight op)."""
+    weights, us, vs, dims = list(weights), list(us), list(vs), list(dims)
+    if not (len(weights) == len(us) == len(vs) == len(dims)):
         raise ValueError(f"spectral_norm_normalize_multi: got {len(weights)} weights, {len(us)} u, "
-                         f"{len(vs)} v, {len(sigmas)} sigmas and {len(dims)} dims")
+                         f"{len(vs)} v and {len(dims)} dims")
     if not weights:
         return []
     dims = [check_spectral_norm_inputs(w, u, v, d, "spectral_norm_normalize_multi")
             for w, u, v, d in zip(weights, us, vs, dims)]
-    name = resolve_backend(backend, *weights, *us, *vs, op=OP_NORMALIZE)
+    name = _resolve(backend, [*weights, *us, *vs], OP_NORMALIZE)
     if name == "triton" and all(w.is_contiguous() for w in weights):
-        return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, sigmas, dims)
-    return [spectral_norm_normalize(w, u, v, s, dim=d, backend=name)
-            for w, u, v, s, d in zip(weights, us, vs, sigmas, dims)]
+        return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, dims)
+    return [spectral_norm_normalize(w, u, v, dim=d, backend=name) for w, u, v, d in zip(weights, us, vs, dims)]
 
 
 @torch.no_grad()
 def spectral_norm_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """sigma = u . W v from stored u, v (eval mode), as a float32 scalar tensor."""
+    """sigma = u . W v from stored u, v, as a scalar tensor in the accumulation dtype (float32;
+    float64 for float64 weights; complex for complex weights)."""
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_sigma")
     mat = reference.weight_to_matrix(weight, dim)
     dtype = accumulation_dtype(weight.dtype)

@@ -16,9 +16,13 @@ Power iteration, all weights of a group in three launches whatever their number 
 from the small workspace, so there is no grid-wide sync and no atomics: results are deterministic.
 Reductions run in float32 (float64 for float64 weights) whatever the weight's dtype.
 
-Normalize: forward ``W / sigma`` (one launch); backward, with u, v constant,
+Normalize: forward ``W / sigma`` with sigma = u . W v recomputed from the very weight being
+normalized (never a stored sigma, which after a write the optimizer did not make belongs to another
+weight): a partial-sum launch over W, then the scale launch, which sums the partials itself (no
+sync) and stores sigma for the backward. Backward, with u, v constant,
 ``dW = (G - <G, W_sn> u v^T) / sigma`` with <G, W_sn> = <G, W> / sigma: a partial-sum launch and
-one fused elementwise launch.
+one fused elementwise launch. The model-level ``normalize_multi`` does the same for many weights in
+two launches forward and two backward.
 
 Ops are registered as ``sagan_fast_triton::sn_power_iteration_`` and ``sagan_fast_triton::sn_normalize``
 (+ fake and autograd) so torch.compile traces them as opaque nodes.
@@ -48,9 +52,24 @@ _MAX_PARTIALS = 512  # programs of the <G, W> reduction; every backward program 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float64: tl.float64}
 
-# Columns of the per-weight int32 table `meta`.
-_M_B, _M_C, _M_K, _M_NCS, _M_NRS, _M_TOFF, _M_SOFF, _M_KCHUNK, _M_RCHUNK = range(9)
-_META_COLS = 9
+# Table layouts, shared by the host code that fills the tables and the kernels that read them
+# (tl.constexpr globals: Triton folds them into the kernels).
+# Power iteration, per weight: int32 `meta` columns and int64 `ptrs` columns.
+_M_B, _M_C, _M_K, _M_NCS, _M_NRS, _M_TOFF, _M_SOFF, _M_KCHUNK, _M_RCHUNK = (tl.constexpr(i) for i in range(9))
+_META_COLS = tl.constexpr(9)
+_P_W, _P_U, _P_V = (tl.constexpr(i) for i in range(3))
+_PTR_COLS = tl.constexpr(3)
+# Work items (program -> (weight, start row or column, split)) of both matrix-vector launches.
+_ITEM_COLS = tl.constexpr(3)
+# Model-level normalize, per weight: int32 `meta` columns, int64 `ptrs` columns, and the two
+# columns of the per-backward gradient table; work items are (weight, start).
+_N_NUMEL, _N_B, _N_C, _N_NPARTS, _N_PARTOFF, _N_CHUNK = (tl.constexpr(i) for i in range(6))
+_NMETA_COLS = tl.constexpr(6)
+_NP_W, _NP_U, _NP_V, _NP_OUTOFF = (tl.constexpr(i) for i in range(4))
+_NPTR_COLS = tl.constexpr(4)
+_G_GRAD, _G_DW = tl.constexpr(0), tl.constexpr(1)
+_GRAD_COLS = tl.constexpr(2)
+_NITEM_COLS = tl.constexpr(2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,19 +105,19 @@ def _matvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_pt
     after the first iteration, v = s / max(|s|, eps) from the workspace."""
     pid = tl.program_id(0)
     eps = tl.load(eps_ptr)
-    wid = tl.load(items_ptr + pid * 3)
-    r0 = tl.load(items_ptr + pid * 3 + 1)
-    split = tl.load(items_ptr + pid * 3 + 2)
-    meta = meta_ptr + wid * 9
-    B = tl.load(meta + 0)
-    C = tl.load(meta + 1).to(tl.int64)
-    K = tl.load(meta + 2)
-    n_rsplit = tl.load(meta + 4)
-    t_off = tl.load(meta + 5)
-    s_off = tl.load(meta + 6)
-    k_chunk = tl.load(meta + 7)
-    w_ptr = tl.load(ptrs_ptr + wid * 3).to(tl.pointer_type(W_DTYPE))
-    v_ptr = tl.load(ptrs_ptr + wid * 3 + 2).to(tl.pointer_type(V_DTYPE))
+    wid = tl.load(items_ptr + pid * _ITEM_COLS)
+    r0 = tl.load(items_ptr + pid * _ITEM_COLS + 1)
+    split = tl.load(items_ptr + pid * _ITEM_COLS + 2)
+    meta = meta_ptr + wid * _META_COLS
+    B = tl.load(meta + _M_B)
+    C = tl.load(meta + _M_C).to(tl.int64)
+    K = tl.load(meta + _M_K)
+    n_rsplit = tl.load(meta + _M_NRS)
+    t_off = tl.load(meta + _M_TOFF)
+    s_off = tl.load(meta + _M_SOFF)
+    k_chunk = tl.load(meta + _M_KCHUNK)
+    w_ptr = tl.load(ptrs_ptr + wid * _PTR_COLS + _P_W).to(tl.pointer_type(W_DTYPE))
+    v_ptr = tl.load(ptrs_ptr + wid * _PTR_COLS + _P_V).to(tl.pointer_type(V_DTYPE))
 
     if V_FROM_S:
         v_scale = _inv_norm(s_part_ptr, s_off, n_rsplit, K, eps, ACC, BLOCK_N)
@@ -131,19 +150,19 @@ def _rmatvec_kernel(items_ptr, ptrs_ptr, meta_ptr, t_part_ptr, s_part_ptr, eps_p
     columns [c0, c0 + BLOCK_K) and one row chunk."""
     pid = tl.program_id(0)
     eps = tl.load(eps_ptr)
-    wid = tl.load(items_ptr + pid * 3)
-    c0 = tl.load(items_ptr + pid * 3 + 1)
-    split = tl.load(items_ptr + pid * 3 + 2)
-    meta = meta_ptr + wid * 9
-    B = tl.load(meta + 0)
-    C = tl.load(meta + 1).to(tl.int64)
-    K = tl.load(meta + 2)
-    n_csplit = tl.load(meta + 3)
-    t_off = tl.load(meta + 5)
-    s_off = tl.load(meta + 6)
-    r_chunk = tl.load(meta + 8)
-    w_ptr = tl.load(ptrs_ptr + wid * 3).to(tl.pointer_type(W_DTYPE))
-    u_ptr = tl.load(ptrs_ptr + wid * 3 + 1).to(tl.pointer_type(U_DTYPE))
+    wid = tl.load(items_ptr + pid * _ITEM_COLS)
+    c0 = tl.load(items_ptr + pid * _ITEM_COLS + 1)
+    split = tl.load(items_ptr + pid * _ITEM_COLS + 2)
+    meta = meta_ptr + wid * _META_COLS
+    B = tl.load(meta + _M_B)
+    C = tl.load(meta + _M_C).to(tl.int64)
+    K = tl.load(meta + _M_K)
+    n_csplit = tl.load(meta + _M_NCS)
+    t_off = tl.load(meta + _M_TOFF)
+    s_off = tl.load(meta + _M_SOFF)
+    r_chunk = tl.load(meta + _M_RCHUNK)
+    w_ptr = tl.load(ptrs_ptr + wid * _PTR_COLS + _P_W).to(tl.pointer_type(W_DTYPE))
+    u_ptr = tl.load(ptrs_ptr + wid * _PTR_COLS + _P_U).to(tl.pointer_type(U_DTYPE))
 
     u_scale = _inv_norm(t_part_ptr, t_off, n_csplit, B, eps, ACC, BLOCK_N)
     if (c0 == 0) & (split == 0):
@@ -176,11 +195,11 @@ def _finalize_kernel(ptrs_ptr, meta_ptr, s_part_ptr, sigma_ptr, eps_ptr,
     """One program per weight: v = s / max(|s|, eps); sigma = |s|^2 / max(|s|, eps) (= u . W v)."""
     wid = tl.program_id(0)
     eps = tl.load(eps_ptr)
-    meta = meta_ptr + wid * 9
-    K = tl.load(meta + 2)
-    n_rsplit = tl.load(meta + 4)
-    s_off = tl.load(meta + 6)
-    v_ptr = tl.load(ptrs_ptr + wid * 3 + 2).to(tl.pointer_type(V_DTYPE))
+    meta = meta_ptr + wid * _META_COLS
+    K = tl.load(meta + _M_K)
+    n_rsplit = tl.load(meta + _M_NRS)
+    s_off = tl.load(meta + _M_SOFF)
+    v_ptr = tl.load(ptrs_ptr + wid * _PTR_COLS + _P_V).to(tl.pointer_type(V_DTYPE))
     ss = tl.zeros([BLOCK], ACC)
     for start in range(0, K, BLOCK):
         idx = start + tl.arange(0, BLOCK)
@@ -197,13 +216,43 @@ def _finalize_kernel(ptrs_ptr, meta_ptr, s_part_ptr, sigma_ptr, eps_ptr,
 
 
 @triton.jit
-def _scale_kernel(w_ptr, sigma_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """out = W / sigma, sigma read on the device (no sync)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _uwv_partials_kernel(w_ptr, u_ptr, v_ptr, part_ptr, numel, chunk, B, C,
+                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """part[pid] = sum of W[a, b, c] u[b] v[a * C + c] over this program's chunk: partial sums of
+    sigma = u . W v, from the very weight being normalized."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, numel)
+    BC = B * C  # no methods on B, C: Triton passes an int argument equal to 1 as a constexpr
+    acc = tl.zeros([BLOCK], ACC)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < end
+        a = offs // BC
+        rem = offs - a * BC
+        b = rem // C
+        c = rem - b * C
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
+        u = tl.load(u_ptr + b, mask=m, other=0.0).to(ACC)
+        v = tl.load(v_ptr + a * C + c, mask=m, other=0.0).to(ACC)
+        acc += w * u * v
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scale_kernel(w_ptr, part_ptr, n_parts, out_ptr, sigma_ptr, numel, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """sigma = sum of the partial sums (every program, same order: one value); out = W / sigma;
+    program 0 also stores sigma (saved for the backward). No sync."""
+    p = tl.arange(0, BLOCK_P)
+    sigma = tl.sum(tl.load(part_ptr + p, mask=p < n_parts, other=0.0), axis=0)
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(sigma_ptr, sigma)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
-    sigma = tl.load(sigma_ptr)
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
-    tl.store(out_ptr + offs, (w.to(sigma.dtype) / sigma).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + offs, (w.to(ACC) / sigma).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -261,6 +310,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _table_row(n_cols, values: dict) -> list[int]:
+    """One row of a launch table, each value in the column its layout constant names."""
+    row = [0] * int(n_cols)
+    for col, value in values.items():
+        row[int(col)] = int(value)
+    return row
+
+
 class _Plan:
     """Device tables for one list of (weight, u, v, dim): built once, reused while pointers hold."""
 
@@ -278,8 +335,10 @@ class _Plan:
             n_rs = max(1, min(_cdiv(_BLOCK_K * B, _ELEMS_PER_PROGRAM), _cdiv(B, _BLOCK_R)))
             r_chunk = _cdiv(_cdiv(B, n_rs), _BLOCK_R) * _BLOCK_R
             n_rs = _cdiv(B, r_chunk)
-            meta.append([B, C, K, n_cs, n_rs, t_size, s_size, k_chunk, r_chunk])
-            ptrs.append([w.data_ptr(), u.data_ptr(), v.data_ptr()])
+            meta.append(_table_row(_META_COLS, {_M_B: B, _M_C: C, _M_K: K, _M_NCS: n_cs, _M_NRS: n_rs,
+                                                _M_TOFF: t_size, _M_SOFF: s_size, _M_KCHUNK: k_chunk,
+                                                _M_RCHUNK: r_chunk}))
+            ptrs.append(_table_row(_PTR_COLS, {_P_W: w.data_ptr(), _P_U: u.data_ptr(), _P_V: v.data_ptr()}))
             items_mv += [[i, r0, sp] for r0 in range(0, B, _BLOCK_R) for sp in range(n_cs)]
             items_rmv += [[i, c0, sp] for c0 in range(0, K, _BLOCK_K) for sp in range(n_rs)]
             t_size += n_cs * B
@@ -427,12 +486,30 @@ def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
 
 # --- normalize ----------------------------------------------------------------------------------
 
-def _normalize_forward_impl(weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _partials_layout(numel: int) -> tuple[int, int]:
+    """(number of partial sums, elements per partial) of a reduction over a whole weight: at most
+    _MAX_PARTIALS programs, each a whole number of _BLOCK_EW blocks."""
+    n_parts = min(_cdiv(numel, _BLOCK_EW), _MAX_PARTIALS)
+    chunk = _cdiv(_cdiv(numel, n_parts), _BLOCK_EW) * _BLOCK_EW
+    return _cdiv(numel, chunk), chunk
+
+
+def _normalize_forward_impl(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                            dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W / sigma, sigma) with sigma = u . W v of this weight: two launches."""
     w = weight.contiguous()
-    out = torch.empty_like(w)
     numel = w.numel()
-    _scale_kernel[(_cdiv(numel, _BLOCK_EW),)](w, sigma, out, numel, BLOCK=_BLOCK_EW)
-    return out
+    acc = _acc_dtype(w.dtype)
+    n_parts, chunk = _partials_layout(numel)
+    partials = torch.empty(n_parts, device=w.device, dtype=acc)
+    _, B, C = _abc(w.shape, dim)
+    _uwv_partials_kernel[(n_parts,)](w, u.contiguous(), v.contiguous(), partials, numel, chunk, B, C,
+                                     ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_EW)
+    out = torch.empty_like(w)
+    sigma = torch.empty((), device=w.device, dtype=acc)
+    _scale_kernel[(_cdiv(numel, _BLOCK_EW),)](w, partials, n_parts, out, sigma, numel, ACC=_TL_DTYPES[acc],
+                                              BLOCK=_BLOCK_EW, BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
+    return out, sigma
 
 
 def _normalize_backward_impl(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
@@ -440,9 +517,7 @@ def _normalize_backward_impl(grad: torch.Tensor, weight: torch.Tensor, u: torch.
     g, w = grad.contiguous(), weight.contiguous()
     numel = w.numel()
     acc = _acc_dtype(w.dtype)
-    n_parts = min(_cdiv(numel, _BLOCK_EW), _MAX_PARTIALS)
-    chunk = _cdiv(_cdiv(numel, n_parts), _BLOCK_EW) * _BLOCK_EW
-    n_parts = _cdiv(numel, chunk)
+    n_parts, chunk = _partials_layout(numel)
     partials = torch.empty(n_parts, device=w.device, dtype=acc)
     _dot_partials_kernel[(n_parts,)](g, w, partials, numel, chunk, ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_EW)
     _, B, C = _abc(w.shape, dim)
@@ -454,14 +529,15 @@ def _normalize_backward_impl(grad: torch.Tensor, weight: torch.Tensor, u: torch.
 
 
 @torch.library.custom_op("sagan_fast_triton::sn_normalize", mutates_args=())
-def _normalize_op(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-                  dim: int) -> torch.Tensor:
-    return _normalize_forward_impl(weight, sigma)
+def _normalize_op(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                  dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _normalize_forward_impl(weight, u, v, dim)
 
 
 @_normalize_op.register_fake
-def _(weight, u, v, sigma, dim):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+def _(weight, u, v, dim):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty((), dtype=_acc_dtype(weight.dtype)))
 
 
 @torch.library.custom_op("sagan_fast_triton::sn_normalize_backward", mutates_args=())
@@ -476,43 +552,40 @@ def _(grad, weight, u, v, sigma, dim):
 
 
 def _normalize_setup_context(ctx, inputs, output):
-    weight, u, v, sigma, dim = inputs
+    weight, u, v, dim = inputs
+    _, sigma = output
+    ctx.mark_non_differentiable(sigma)
     ctx.save_for_backward(weight, u, v, sigma)
     ctx.dim = dim
 
 
-def _normalize_backward(ctx, grad):
+def _normalize_backward(ctx, grad, _grad_sigma):
     weight, u, v, sigma = ctx.saved_tensors
     grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_weight = _normalize_backward_op(grad, weight, u, v, sigma, ctx.dim)
-    return grad_weight, None, None, None, None
+    return grad_weight, None, None, None
 
 
 _normalize_op.register_autograd(_normalize_backward, setup_context=_normalize_setup_context)
 
 
-def _check_normalize(weight: torch.Tensor, sigma: torch.Tensor) -> None:
+def _check_normalize(weight: torch.Tensor) -> None:
     if weight.dtype not in _TL_DTYPES:
         raise TypeError(f"spectral_norm_normalize (triton): unsupported weight dtype {weight.dtype}")
-    if not isinstance(sigma, torch.Tensor) or sigma.numel() != 1 or not sigma.is_floating_point():
-        raise ValueError("spectral_norm_normalize (triton): sigma must be a one-element floating tensor, "
-                         f"got {sigma!r}")
-    if sigma.device != weight.device:
-        raise ValueError(f"spectral_norm_normalize (triton): sigma is on {sigma.device} but the weight "
-                         f"is on {weight.device}")
 
 
-def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-              dim: int) -> torch.Tensor:
-    """``weight / sigma``; backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant.
+def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``weight / (u . W v)``, sigma computed from this weight (one partial-sum launch, then the
+    scale); backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v constant (two launches).
 
     The result is contiguous. Inputs are checked by
     :func:`sagan_fast.ops.spectral_norm.spectral_norm_normalize`.
     """
-    _check_normalize(weight, sigma)
-    sigma = sigma.reshape(()).to(_acc_dtype(weight.dtype))
-    return _normalize_op(weight, u, v, sigma, int(dim))
+    _check_normalize(weight)
+    _check_vectors([weight], [u], [v])
+    out, _ = _normalize_op(weight, u, v, int(dim))
+    return out
 
 
 def normalize_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -522,23 +595,66 @@ def normalize_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor
     return _normalize_backward_op(grad, weight, u, v, sigma, int(dim))
 
 
-# --- model-level normalize: every weight of a group in one launch, backward in two -------------
+# --- model-level normalize: every weight of a group in two launches, backward in two -----------
 
 @triton.jit
-def _scale_multi_kernel(items_ptr, ptrs_ptr, meta_ptr, out_ptr,
-                        W_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[out_off + i] = W[i] / sigma for one block of one weight; the outputs share one buffer."""
+def _uwv_partials_multi_kernel(items_ptr, ptrs_ptr, meta_ptr, part_ptr, W_DTYPE: tl.constexpr,
+                               U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """part[part_off + k] = sum of W[a, b, c] u[b] v[a * C + c] over chunk k of one weight."""
     pid = tl.program_id(0)
-    wid = tl.load(items_ptr + pid * 2)
-    start = tl.load(items_ptr + pid * 2 + 1)
-    w_ptr = tl.load(ptrs_ptr + wid * 5).to(tl.pointer_type(W_DTYPE))
-    sigma = tl.load(tl.load(ptrs_ptr + wid * 5 + 3).to(tl.pointer_type(S_DTYPE)))
-    out_off = tl.load(ptrs_ptr + wid * 5 + 4)
-    numel = tl.load(meta_ptr + wid * 6)
+    wid = tl.load(items_ptr + pid * _NITEM_COLS)
+    k = tl.load(items_ptr + pid * _NITEM_COLS + 1)
+    w_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_W).to(tl.pointer_type(W_DTYPE))
+    u_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_U).to(tl.pointer_type(U_DTYPE))
+    v_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_V).to(tl.pointer_type(V_DTYPE))
+    meta = meta_ptr + wid * _NMETA_COLS
+    numel = tl.load(meta + _N_NUMEL)
+    B = tl.load(meta + _N_B)
+    C = tl.load(meta + _N_C)
+    part_off = tl.load(meta + _N_PARTOFF)
+    chunk = tl.load(meta + _N_CHUNK)
+    start = k * chunk
+    end = tl.minimum(start + chunk, numel)
+    BC = B * C
+    acc = tl.zeros([BLOCK], ACC)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        m = offs < end
+        a = offs // BC
+        rem = offs - a * BC
+        b = rem // C
+        c = rem - b * C
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(ACC)
+        u = tl.load(u_ptr + b, mask=m, other=0.0).to(ACC)
+        v = tl.load(v_ptr + a * C + c, mask=m, other=0.0).to(ACC)
+        acc += w * u * v
+    tl.store(part_ptr + part_off + k, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scale_multi_kernel(items_ptr, ptrs_ptr, meta_ptr, part_ptr, sigma_ptr, out_ptr,
+                        W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """out[out_off + i] = W[i] / sigma for one block of one weight (the outputs share one buffer),
+    sigma = the sum of the weight's partials; its first program stores sigma[wid]."""
+    pid = tl.program_id(0)
+    wid = tl.load(items_ptr + pid * _NITEM_COLS)
+    start = tl.load(items_ptr + pid * _NITEM_COLS + 1)
+    w_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_W).to(tl.pointer_type(W_DTYPE))
+    out_off = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_OUTOFF)
+    meta = meta_ptr + wid * _NMETA_COLS
+    numel = tl.load(meta + _N_NUMEL)
+    n_parts = tl.load(meta + _N_NPARTS)
+    part_off = tl.load(meta + _N_PARTOFF)
+    p = tl.arange(0, BLOCK_P)
+    sigma = tl.sum(tl.load(part_ptr + part_off + p, mask=p < n_parts, other=0.0), axis=0)
+    if start == 0:
+        tl.store(sigma_ptr + wid, sigma)
     offs = start + tl.arange(0, BLOCK)
     m = offs < numel
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
-    tl.store(out_ptr + out_off + offs, (w.to(S_DTYPE) / sigma).to(W_DTYPE), mask=m)
+    tl.store(out_ptr + out_off + offs, (w.to(ACC) / sigma).to(W_DTYPE), mask=m)
 
 
 @triton.jit
@@ -546,13 +662,14 @@ def _dot_partials_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, par
                                W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """part[part_off + k] = sum of G * W over chunk k of one weight."""
     pid = tl.program_id(0)
-    wid = tl.load(items_ptr + pid * 2)
-    k = tl.load(items_ptr + pid * 2 + 1)
-    w_ptr = tl.load(ptrs_ptr + wid * 5).to(tl.pointer_type(W_DTYPE))
-    g_ptr = tl.load(grad_ptrs_ptr + wid * 2).to(tl.pointer_type(W_DTYPE))
-    numel = tl.load(meta_ptr + wid * 6)
-    part_off = tl.load(meta_ptr + wid * 6 + 4)
-    chunk = tl.load(meta_ptr + wid * 6 + 5)
+    wid = tl.load(items_ptr + pid * _NITEM_COLS)
+    k = tl.load(items_ptr + pid * _NITEM_COLS + 1)
+    w_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_W).to(tl.pointer_type(W_DTYPE))
+    g_ptr = tl.load(grad_ptrs_ptr + wid * _GRAD_COLS + _G_GRAD).to(tl.pointer_type(W_DTYPE))
+    meta = meta_ptr + wid * _NMETA_COLS
+    numel = tl.load(meta + _N_NUMEL)
+    part_off = tl.load(meta + _N_PARTOFF)
+    chunk = tl.load(meta + _N_CHUNK)
     start = k * chunk
     end = tl.minimum(start + chunk, numel)
     acc = tl.zeros([BLOCK], ACC)
@@ -565,24 +682,24 @@ def _dot_partials_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, par
 
 
 @triton.jit
-def _normalize_backward_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, part_ptr,
+def _normalize_backward_multi_kernel(items_ptr, ptrs_ptr, grad_ptrs_ptr, meta_ptr, part_ptr, sigma_ptr,
                                      W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-                                     S_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                                     BLOCK_P: tl.constexpr):
-    """dW = (G - <G, W_sn> u v^T) / sigma for one block of one weight."""
+                                     ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dW = (G - <G, W_sn> u v^T) / sigma for one block of one weight (sigma: the forward's)."""
     pid = tl.program_id(0)
-    wid = tl.load(items_ptr + pid * 2)
-    start = tl.load(items_ptr + pid * 2 + 1)
-    u_ptr = tl.load(ptrs_ptr + wid * 5 + 1).to(tl.pointer_type(U_DTYPE))
-    v_ptr = tl.load(ptrs_ptr + wid * 5 + 2).to(tl.pointer_type(V_DTYPE))
-    sigma = tl.load(tl.load(ptrs_ptr + wid * 5 + 3).to(tl.pointer_type(S_DTYPE))).to(ACC)
-    g_ptr = tl.load(grad_ptrs_ptr + wid * 2).to(tl.pointer_type(W_DTYPE))
-    dw_ptr = tl.load(grad_ptrs_ptr + wid * 2 + 1).to(tl.pointer_type(W_DTYPE))
-    numel = tl.load(meta_ptr + wid * 6)
-    B = tl.load(meta_ptr + wid * 6 + 1)
-    C = tl.load(meta_ptr + wid * 6 + 2)
-    n_parts = tl.load(meta_ptr + wid * 6 + 3)
-    part_off = tl.load(meta_ptr + wid * 6 + 4)
+    wid = tl.load(items_ptr + pid * _NITEM_COLS)
+    start = tl.load(items_ptr + pid * _NITEM_COLS + 1)
+    u_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_U).to(tl.pointer_type(U_DTYPE))
+    v_ptr = tl.load(ptrs_ptr + wid * _NPTR_COLS + _NP_V).to(tl.pointer_type(V_DTYPE))
+    sigma = tl.load(sigma_ptr + wid).to(ACC)
+    g_ptr = tl.load(grad_ptrs_ptr + wid * _GRAD_COLS + _G_GRAD).to(tl.pointer_type(W_DTYPE))
+    dw_ptr = tl.load(grad_ptrs_ptr + wid * _GRAD_COLS + _G_DW).to(tl.pointer_type(W_DTYPE))
+    meta = meta_ptr + wid * _NMETA_COLS
+    numel = tl.load(meta + _N_NUMEL)
+    B = tl.load(meta + _N_B)
+    C = tl.load(meta + _N_C)
+    n_parts = tl.load(meta + _N_NPARTS)
+    part_off = tl.load(meta + _N_PARTOFF)
     p = tl.arange(0, BLOCK_P)
     inner = tl.sum(tl.load(part_ptr + part_off + p, mask=p < n_parts, other=0.0), axis=0) / sigma
     offs = start + tl.arange(0, BLOCK)
@@ -604,19 +721,19 @@ _BLOCK_MULTI = 2048
 class _MultiPlan:
     """Static tables for normalizing one list of weights: built once while pointers hold."""
 
-    def __init__(self, weights, us, vs, sigmas, dims, device):
+    def __init__(self, weights, us, vs, dims, device):
         ptrs, meta, items, items_dot = [], [], [], []
         out_off = part_off = 0
-        for i, (w, u, v, s, d) in enumerate(zip(weights, us, vs, sigmas, dims)):
+        for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
             numel = w.numel()
             if numel >= 2**31 - _BLOCK_MULTI:
                 raise ValueError("spectral norm (triton): a weight is too large for 32-bit indexing")
             _, B, C = _abc(w.shape, d)
-            n_parts = min(_cdiv(numel, _BLOCK_EW), _MAX_PARTIALS)
-            chunk = _cdiv(_cdiv(numel, n_parts), _BLOCK_EW) * _BLOCK_EW
-            n_parts = _cdiv(numel, chunk)
-            ptrs.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), s.data_ptr(), out_off])
-            meta.append([numel, B, C, n_parts, part_off, chunk])
+            n_parts, chunk = _partials_layout(numel)
+            ptrs.append(_table_row(_NPTR_COLS, {_NP_W: w.data_ptr(), _NP_U: u.data_ptr(), _NP_V: v.data_ptr(),
+                                                _NP_OUTOFF: out_off}))
+            meta.append(_table_row(_NMETA_COLS, {_N_NUMEL: numel, _N_B: B, _N_C: C, _N_NPARTS: n_parts,
+                                                 _N_PARTOFF: part_off, _N_CHUNK: chunk}))
             items += [[i, start] for start in range(0, numel, _BLOCK_MULTI)]
             items_dot += [[i, k] for k in range(n_parts)]
             out_off += numel
@@ -630,52 +747,60 @@ class _MultiPlan:
         self.sizes = [w.numel() for w in weights]
 
 
-def _multi_plan_for(weights, us, vs, sigmas, dims) -> _MultiPlan:
-    key = ("multi",) + tuple((w.data_ptr(), u.data_ptr(), v.data_ptr(), s.data_ptr(), tuple(w.shape), d)
-                             for w, u, v, s, d in zip(weights, us, vs, sigmas, dims))
+def _multi_plan_for(weights, us, vs, dims) -> _MultiPlan:
+    key = ("multi",) + tuple((w.data_ptr(), u.data_ptr(), v.data_ptr(), tuple(w.shape), d)
+                             for w, u, v, d in zip(weights, us, vs, dims))
     plan = _PLANS.get(key)
     if plan is None:
         _no_tables_while_capturing(weights[0].device)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _MultiPlan(weights, us, vs, sigmas, dims, weights[0].device)
+        plan = _PLANS[key] = _MultiPlan(weights, us, vs, dims, weights[0].device)
     return _keep_if_captured(plan, weights[0].device)
 
 
 class _NormalizeMulti(torch.autograd.Function):
-    """W_sn for every weight of one group (same weight, u, v and sigma dtypes), in one launch."""
+    """W / (u . W v) for every weight of one group (same weight, u and v dtypes): a partial-sum
+    launch and a scale launch; backward in two."""
 
     @staticmethod
-    def forward(ctx, us, vs, sigmas, dims, *weights):
-        plan = _multi_plan_for(weights, us, vs, sigmas, dims)
-        w_t, s_t = _TL_DTYPES[weights[0].dtype], _TL_DTYPES[sigmas[0].dtype]
-        flat = torch.empty(plan.total, device=weights[0].device, dtype=weights[0].dtype)
-        _scale_multi_kernel[(plan.n_items,)](plan.items, plan.ptrs, plan.meta, flat,
-                                             W_DTYPE=w_t, S_DTYPE=s_t, BLOCK=_BLOCK_MULTI)
-        ctx.plan, ctx.weights_meta = plan, (weights[0].dtype, us[0].dtype, vs[0].dtype, sigmas[0].dtype)
+    def forward(ctx, us, vs, dims, *weights):
+        plan = _multi_plan_for(weights, us, vs, dims)
+        device, w_dtype = weights[0].device, weights[0].dtype
+        acc = _acc_dtype(w_dtype)
+        w_t, acc_t = _TL_DTYPES[w_dtype], _TL_DTYPES[acc]
+        partials = torch.empty(plan.n_parts_total, device=device, dtype=acc)
+        _uwv_partials_multi_kernel[(plan.n_dot,)](plan.items_dot, plan.ptrs, plan.meta, partials,
+                                                  W_DTYPE=w_t, U_DTYPE=_TL_DTYPES[us[0].dtype],
+                                                  V_DTYPE=_TL_DTYPES[vs[0].dtype], ACC=acc_t, BLOCK=_BLOCK_EW)
+        sigmas = torch.empty(len(weights), device=device, dtype=acc)
+        flat = torch.empty(plan.total, device=device, dtype=w_dtype)
+        _scale_multi_kernel[(plan.n_items,)](plan.items, plan.ptrs, plan.meta, partials, sigmas, flat,
+                                             W_DTYPE=w_t, ACC=acc_t, BLOCK=_BLOCK_MULTI,
+                                             BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
+        ctx.plan, ctx.dtypes = plan, (w_dtype, us[0].dtype, vs[0].dtype)
         ctx.dims = dims
-        ctx.weights = weights  # parameters: alive anyway; u, v, sigma saved to catch in-place changes
-        ctx.save_for_backward(*us, *vs, *sigmas)
+        ctx.weights = weights  # parameters: alive anyway; u, v saved to catch in-place changes
+        ctx.save_for_backward(sigmas, *us, *vs)
         ctx.set_materialize_grads(False)
         return tuple(o.view(w.shape) for o, w in zip(flat.split(plan.sizes), weights))
 
     @staticmethod
     def backward(ctx, *grads):
         plan = ctx.plan
-        ctx.saved_tensors  # noqa: B018  (raises if u, v or sigma changed in place since forward)
+        sigmas, *uv = ctx.saved_tensors  # raises if u or v changed in place since forward
         weights = ctx.weights
-        w_dtype, u_dtype, v_dtype, s_dtype = ctx.weights_meta
+        n = len(weights)
+        w_dtype, u_dtype, v_dtype = ctx.dtypes
         device = weights[0].device
         grads = [g.contiguous() if g is not None else None for g in grads]
         if _capturing(device):
             # The gradients' addresses are new, so their table would need a host copy, which a
             # CUDA graph cannot hold: per-weight backward instead (launches are cheap in a graph).
-            saved = ctx.saved_tensors
-            n = len(weights)
-            us, vs, sigmas = saved[:n], saved[n:2 * n], saved[2 * n:]
-            return (None, None, None, None, *[
-                _normalize_backward_impl(g, w, u, v, s.reshape(()), d) if g is not None else None
-                for g, w, u, v, s, d in zip(grads, weights, us, vs, sigmas, ctx.dims)])
+            us, vs = uv[:n], uv[n:]
+            return (None, None, None, *[
+                _normalize_backward_impl(g, w, u, v, sigmas[i], d) if g is not None else None
+                for i, (g, w, u, v, d) in enumerate(zip(grads, weights, us, vs, ctx.dims))])
         d_weights = [torch.empty_like(w) if g is not None else None for w, g in zip(weights, grads)]
         # An output that got no gradient gives its weight none; its programs still run (the tables
         # are static), so they read and write a zero scratch tensor.
@@ -684,7 +809,7 @@ class _NormalizeMulti(torch.autograd.Function):
             if g is None:
                 g = dw = torch.zeros_like(w)
                 scratch.append(g)
-            table.append([g.data_ptr(), dw.data_ptr()])
+            table.append(_table_row(_GRAD_COLS, {_G_GRAD: g.data_ptr(), _G_DW: dw.data_ptr()}))
         grad_ptrs = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
         acc = _acc_dtype(w_dtype)
         partials = torch.empty(plan.n_parts_total, device=device, dtype=acc)
@@ -692,34 +817,34 @@ class _NormalizeMulti(torch.autograd.Function):
                                                   W_DTYPE=_TL_DTYPES[w_dtype], ACC=_TL_DTYPES[acc],
                                                   BLOCK=_BLOCK_EW)
         _normalize_backward_multi_kernel[(plan.n_items,)](
-            plan.items, plan.ptrs, grad_ptrs, plan.meta, partials,
+            plan.items, plan.ptrs, grad_ptrs, plan.meta, partials, sigmas,
             W_DTYPE=_TL_DTYPES[w_dtype], U_DTYPE=_TL_DTYPES[u_dtype], V_DTYPE=_TL_DTYPES[v_dtype],
-            S_DTYPE=_TL_DTYPES[s_dtype], ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_MULTI,
-            BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
-        return (None, None, None, None, *d_weights)
+            ACC=_TL_DTYPES[acc], BLOCK=_BLOCK_MULTI, BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
+        return (None, None, None, *d_weights)
 
 
 def normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
-                    sigmas: Sequence[torch.Tensor], dims: Sequence[int]) -> list[torch.Tensor]:
-    """``[W / sigma for each weight]`` in one launch per dtype group; backward in two launches.
+                    dims: Sequence[int]) -> list[torch.Tensor]:
+    """``[W / (u . W v) for each weight]``, sigma from each very weight: two launches per dtype
+    group forward, two backward.
 
     Eager autograd only (torch.compile uses the per-layer :func:`normalize`). Weights must be
-    contiguous; sigmas are one-element tensors that stay alive and in place (the layers' buffers):
-    the launch tables are cached on their addresses. The outputs are views of one buffer.
+    contiguous; the launch tables are cached on the weights', u's and v's addresses. The outputs
+    are views of one buffer.
     """
-    weights, us, vs, sigmas, dims = list(weights), list(us), list(vs), list(sigmas), [int(d) for d in dims]
-    for w, s in zip(weights, sigmas):
-        _check_normalize(w, s)
+    weights, us, vs, dims = list(weights), list(us), list(vs), [int(d) for d in dims]
+    for w in weights:
+        _check_normalize(w)
         if not w.is_contiguous():
             raise ValueError("normalize_multi (triton): weights must be contiguous; use normalize()")
     _check_vectors(weights, us, vs)
     out: list[torch.Tensor | None] = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}
-    for i, (w, u, v, s) in enumerate(zip(weights, us, vs, sigmas)):
-        groups.setdefault((w.dtype, u.dtype, v.dtype, s.dtype), []).append(i)
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+        groups.setdefault((w.dtype, u.dtype, v.dtype), []).append(i)
     for idx in groups.values():
-        res = _NormalizeMulti.apply([us[i] for i in idx], [vs[i] for i in idx], [sigmas[i] for i in idx],
-                                    [dims[i] for i in idx], *[weights[i] for i in idx])
+        res = _NormalizeMulti.apply([us[i] for i in idx], [vs[i] for i in idx], [dims[i] for i in idx],
+                                    *[weights[i] for i in idx])
         for i, r in zip(idx, res):
             out[i] = r
     return out
