@@ -323,15 +323,14 @@ def spectral_norm_variants(resolution: int = 128, ch: int = 64) -> list[Variant]
     dims = [d for _, d in specs]
     us = [torch.empty(w.shape[d]) for w, d in zip(weights, dims)]
     vs = [torch.empty(w.numel() // w.shape[d]) for w, d in zip(weights, dims)]
-    sigmas = [torch.ones(()) for _ in weights]
     label = f"SAGAN-128 G+D ch={ch} ({len(specs)} weights)"
     with recorded_launches() as calls:
         sn.power_iteration_(weights, us, vs, dims, 1, 1e-12)
         ws = [w.clone().requires_grad_() for w in weights]
-        outs = sn.normalize_multi(ws, us, vs, sigmas, dims)
+        outs = sn.normalize_multi(ws, us, vs, dims)
         torch.autograd.grad(outs, ws, [torch.empty_like(o) for o in outs])
         w0 = weights[0].clone().requires_grad_()
-        out0 = sn.normalize(w0, us[0], vs[0], sigmas[0], dims[0])
+        out0 = sn.normalize(w0, us[0], vs[0], dims[0])
         torch.autograd.grad(out0, w0, torch.empty_like(out0))
     variants, seen = [], set()
     for kernel, args, kwargs in calls:
