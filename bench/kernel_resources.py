@@ -16,7 +16,7 @@ Attention: SAGAN G at 32x32 (B=64, N=Nk=1024, E=32, Ev=256, DESIGN.md's anchor) 
 in channel-major (NCHW) and channels_last layouts, every launch candidate the tuner may pick, both
 backward paths (fused dk + dv or split dv, dk; dq by atomics or by its own kernel in deterministic
 mode). Spectral norm: every SN weight of SAGAN-128 G + D (ch=64, from the models on the meta
-device), fp32 master weights.
+device), fp32 weights, and fp32 master weights under bf16 autocast (W_sn written in bf16).
 
 CUDA C++ kernels (``kernels/*.cu``): ``nvcc -Xptxas -v`` with setup_extension.py's gencode flags
 for sm_90 (+ compute_90 PTX), registers / spills / static shared memory per function from ptxas,
@@ -26,7 +26,8 @@ Columns: ``registers`` per thread, ``spill_bytes`` (ptxas spill stores + loads),
 (Triton: the kernel's shared memory, all of it dynamic; CUDA: static only, the dynamic part is
 sized at launch), ``wgmma`` (wgmma.mma_async in the PTX), ``mma`` (mma.sync / wmma in the PTX, or
 HMMA in the SASS for CUDA), ``max_load_bytes`` (widest global load: ld.global vectors and cp.async
-sizes), ``cp_async`` and ``atomics`` counts. Compiled results are cached in
+sizes), ``cp_async`` and ``atomics`` counts, ``int_div`` (integer div / rem instructions in the
+PTX; rows compiled before the column existed lack it). Compiled results are cached in
 ``build/kernel_resources/cache.json`` keyed by the kernel's source hash, its specialization and the
 compiler version, so a rerun only compiles what changed.
 """
@@ -65,7 +66,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SMEM_BYTES = 227 * 1024   # H100 / H200: max dynamic shared memory per block (opt-in)
 CACHE_DIR = REPO / "build" / "kernel_resources"
 COLUMNS = ["kernel", "candidate", "shape", "dtype", "layout", "registers", "spill_bytes", "shared_bytes",
-           "wgmma", "mma", "max_load_bytes", "cp_async", "atomics"]
+           "wgmma", "mma", "max_load_bytes", "cp_async", "atomics", "int_div"]
 
 # name -> (B, N, Nk, E, Ev): DESIGN.md's SAGAN G attention at 32x32 (C=256) and at 64x64 (C=128).
 ATTENTION_SHAPES = {
@@ -129,9 +130,9 @@ _PTX_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared(?:::cta)?\.global(?:\.[\
 
 
 def ptx_counts(ptx: str) -> dict:
-    """wgmma / mma / cp.async / atomics counts, the widest global load (bytes) of a PTX text, and
-    how many global loads of each width it has (``load_widths``, e.g. "4:12 8:3": 8-byte loads
-    in the multi-tensor kernels are their pointer tables)."""
+    """wgmma / mma / cp.async / atomics / integer division (div, rem) counts, the widest global load
+    (bytes) of a PTX text, and how many global loads of each width it has (``load_widths``, e.g.
+    "4:12 8:3": 8-byte loads in the multi-tensor kernels are their pointer tables)."""
     widths: dict[int, int] = {}
     for m in _PTX_LOAD.finditer(ptx):
         quals = m.group(1).split(".")
@@ -147,6 +148,7 @@ def ptx_counts(ptx: str) -> dict:
                 mma=len(re.findall(r"\b(?:mma\.sync|wmma\.mma)", ptx)),
                 max_load_bytes=widest, cp_async=len(cp_sizes),
                 atomics=len(re.findall(r"\b(?:red|atom)\.global", ptx)),
+                int_div=len(re.findall(r"\b(?:div|rem)\.[su](?:16|32|64)\b", ptx)),
                 tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)))
 
 
@@ -313,34 +315,45 @@ def recorded_launches():
         JITFunction.run = original
 
 
-def spectral_norm_variants(resolution: int = 128, ch: int = 64) -> list[Variant]:
-    """The Triton SN kernels as the SAGAN-128 weights launch them (fp32 weights on the CPU, whose
-    launches are recorded, never executed: the tables hold CPU addresses, which is fine for a
-    compile). Identical specializations are kept once."""
+# (label, weight dtype, W_sn dtype): fp32 weights as is, and fp32 master weights under bf16 autocast
+# (W_sn written in bf16, gradients arriving in bf16): what SAGAN-128 training launches.
+SN_CONFIGS = (("fp32", torch.float32, None), ("fp32 W, bf16 W_sn (autocast)", torch.float32, torch.bfloat16))
+
+
+def spectral_norm_variants(resolution: int = 128, ch: int = 64, specs=None, configs=SN_CONFIGS,
+                           label: str | None = None) -> list[Variant]:
+    """The Triton SN kernels as the SAGAN-128 weights (or ``specs``: (shape, dim) pairs) launch
+    them, per config of ``configs``: the multi-tensor power iteration, the model-level normalize and
+    its backward, and the per-layer normalize and backward of every weight (what torch.compile
+    runs). CPU tensors whose launches are recorded, never executed (the tables hold CPU addresses,
+    which is fine for a compile). Identical specializations are kept once."""
     from sagan_fast.ops.triton import spectral_norm as sn
-    specs = sagan_sn_specs(resolution, ch)
-    weights = [torch.empty(shape, dtype=torch.float32) for shape, _ in specs]
+    specs = sagan_sn_specs(resolution, ch) if specs is None else specs
+    label = label or f"SAGAN-{resolution} G+D ch={ch} ({len(specs)} weights)"
     dims = [d for _, d in specs]
-    us = [torch.empty(w.shape[d]) for w, d in zip(weights, dims)]
-    vs = [torch.empty(w.numel() // w.shape[d]) for w, d in zip(weights, dims)]
-    label = f"SAGAN-128 G+D ch={ch} ({len(specs)} weights)"
-    with recorded_launches() as calls:
-        sn.power_iteration_(weights, us, vs, dims, 1, 1e-12)
-        ws = [w.clone().requires_grad_() for w in weights]
-        outs = sn.normalize_multi(ws, us, vs, dims)
-        torch.autograd.grad(outs, ws, [torch.empty_like(o) for o in outs])
-        w0 = weights[0].clone().requires_grad_()
-        out0 = sn.normalize(w0, us[0], vs[0], dims[0])
-        torch.autograd.grad(out0, w0, torch.empty_like(out0))
     variants, seen = [], set()
-    for kernel, args, kwargs in calls:
-        signature, constexprs, attrs, _ = _specialize(kernel, args, kwargs)
-        key = (kernel.__name__, repr(signature), repr(sorted(constexprs.items())), repr(attrs))
-        if key in seen:
-            continue
-        seen.add(key)
-        variants.append(Variant(kernel, args, kwargs, dict(kernel=kernel.__name__, candidate="fixed",
-                                                           shape=label, dtype="fp32", layout="", path="")))
+    for dtype_label, w_dtype, out_dtype in configs:
+        weights = [torch.empty(shape, dtype=w_dtype) for shape, _ in specs]
+        us = [torch.empty(w.shape[d], dtype=w_dtype) for w, d in zip(weights, dims)]
+        vs = [torch.empty(w.numel() // w.shape[d], dtype=w_dtype) for w, d in zip(weights, dims)]
+        with recorded_launches() as calls:
+            sn.power_iteration_(weights, us, vs, dims, 1, 1e-12)
+            ws = [w.clone().requires_grad_() for w in weights]
+            outs = sn.normalize_multi(ws, us, vs, dims, [out_dtype] * len(ws))
+            torch.autograd.grad(outs, ws, [torch.empty_like(o) for o in outs])
+            for w, u, v, d in zip(weights, us, vs, dims):
+                w1 = w.clone().requires_grad_()
+                out1 = sn.normalize(w1, u, v, d, out_dtype)
+                torch.autograd.grad(out1, w1, torch.empty_like(out1))
+        for kernel, args, kwargs in calls:
+            signature, constexprs, attrs, _ = _specialize(kernel, args, kwargs)
+            key = (kernel.__name__, repr(signature), repr(sorted(constexprs.items())), repr(attrs))
+            if key in seen:
+                continue
+            seen.add(key)
+            variants.append(Variant(kernel, args, kwargs, dict(kernel=kernel.__name__, candidate="fixed",
+                                                               shape=label, dtype=dtype_label, layout="",
+                                                               path="")))
     return variants
 
 

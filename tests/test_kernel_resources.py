@@ -5,8 +5,8 @@ at DESIGN.md's anchor shape in bf16 / fp16 / fp32, the defaults elsewhere, the s
 kernels) exactly as the JIT specializes a launch at the production shapes and strides, and the
 CUDA kernels with nvcc. Rules: no register spills; warp-group MMA (wgmma) in every 16-bit
 attention kernel that has a product; shared memory within Hopper's 227 KB per block; PTX embedded
-in the CUDA build; 16-byte loads in the spectral-norm kernels (expected to fail until their
-pointer tables carry alignment hints).
+in the CUDA build; 16-byte loads in the spectral-norm kernels, and no integer division in their
+multi-tensor kernels (SAGAN's weights are all dim 0).
 
 The report runs in a subprocess (the tests import the kernels under TRITON_INTERPRET=1, which
 replaces them by interpreted functions). Its compile cache (build/kernel_resources/) makes a run
@@ -86,14 +86,28 @@ def test_shared_memory_fits_hopper(report):
     assert not over, over
 
 
-@pytest.mark.xfail(strict=True, reason="the multi-tensor SN kernels read W through int64 pointer tables with "
-                   "no alignment hints (4-byte loads); the hints come with the spectral-norm rework (issue "
-                   "13, second task); strict: this test fails once they land, so the marker goes then")
 def test_spectral_norm_kernels_issue_16_byte_loads(report):
+    """Every SN kernel variant SAGAN-128 launches (fp32, and fp32 master weights with a bf16 W_sn)
+    reads W, G and its workspaces with 16-byte vectors: the multi-tensor kernels in the branch
+    their plan's alignment flags select (tl.multiple_of on table pointers), the per-layer ones
+    from the JIT's specialization."""
     rows = [r for r in _triton(report) if not r["kernel"].startswith("_attn")]
-    assert rows
-    narrow = [(r["kernel"], r["max_load_bytes"]) for r in rows if r["max_load_bytes"] < 16]
+    assert {r["dtype"] for r in rows} == {"fp32", "fp32 W, bf16 W_sn (autocast)"}
+    assert {r["kernel"] for r in rows} >= {"_matvec_kernel", "_rmatvec_kernel", "_finalize_kernel",
+                                           "_uwv_partials_multi_kernel", "_scale_multi_kernel",
+                                           "_dot_partials_multi_kernel", "_normalize_backward_multi_kernel"}
+    narrow = [(r["kernel"], r["dtype"], r["max_load_bytes"]) for r in rows if r["max_load_bytes"] < 16]
     assert not narrow, f"widest global load under 16 bytes: {narrow}"
+
+
+def test_spectral_norm_multi_tensor_kernels_have_no_integer_division(report):
+    """All SAGAN weights use dim 0: the multi-tensor kernels of their group are compiled without
+    the general-dim path, so the PTX has no div / rem at all."""
+    rows = [r for r in _triton(report) if r["kernel"].endswith("_multi_kernel") or r["kernel"] in
+            ("_matvec_kernel", "_rmatvec_kernel", "_finalize_kernel")]
+    assert rows
+    divs = [(r["kernel"], r["dtype"], r["int_div"]) for r in rows if r["int_div"]]
+    assert not divs, f"integer division in the PTX: {divs}"
 
 
 def test_cuda_kernels_no_spills_and_ptx_embedded(report):

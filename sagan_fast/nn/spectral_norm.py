@@ -56,6 +56,14 @@ exactly by their own forward, as torch. Non-contiguous weights (channels_last co
 cost of a contiguous copy, and leave the model-level normalize to the per-layer path. Complex
 weights work as in torch (sigma = u^H W v), on the reference backend.
 
+Autocast: a layer whose module autocast runs in lower precision (convolutions, linear layers;
+not embeddings) gets its W_sn straight in the autocast dtype when autocast is on for the weight's
+device (the triton backend writes it from the fp32 master weight in the same pass that divides
+by sigma; the others cast), so F.conv2d / F.linear find nothing left to cast; the weight, u, v
+and sigma keep their dtypes and the gradient reaches the weight in its own dtype. ``module.weight``
+read under autocast is then a 16-bit tensor, exactly what the module's own op would have cast it
+to; outside autocast nothing changes.
+
 Zero, NaN and Inf weights: eps floors the norms, as torch, so a zero weight gives sigma = 0; the
 update checks every sigma it computes is finite and nonzero (one device sync per update, for all
 weights of a group at once) and raises :class:`SpectralNormError` naming the weight otherwise.
@@ -83,8 +91,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops import reference
 from ..ops._backend import accumulation_dtype
-from ..ops.spectral_norm import (check_spectral_norm_inputs, power_iteration_checked_, spectral_norm_normalize,
-                                 spectral_norm_normalize_multi, spectral_norm_sigma)
+from ..ops.spectral_norm import (autocast_dtype, check_spectral_norm_inputs, power_iteration_checked_,
+                                 spectral_norm_normalize, spectral_norm_normalize_multi, spectral_norm_sigma)
 
 
 class SpectralNormError(FloatingPointError):
@@ -160,8 +168,11 @@ class SpectralNorm(nn.Module):
         # for all layers), with the weight key and grad mode it is valid for; cleared after it.
         # _n_updates: power-iteration updates run on the host (spectral_norm_update_counts).
         # _checked: identity of (weight storage, u, v) at the last full input check.
+        # _autocast_output: the module's op runs in the autocast dtype (conv, linear; set by
+        # spectral_norm()), so W_sn is written in that dtype when autocast is on.
         for name, value in (("_seen", None), ("_plist", None), ("_weight_ref", None), ("_fused", False),
-                            ("_w_sn_stash", None), ("_n_updates", 0), ("_checked", None)):
+                            ("_w_sn_stash", None), ("_n_updates", 0), ("_checked", None),
+                            ("_autocast_output", False)):
             object.__setattr__(self, name, value)
         if ndim > 1:
             weight_mat = reference.weight_to_matrix(weight.detach(), self.dim)
@@ -206,19 +217,31 @@ class SpectralNorm(nn.Module):
     def mark_stale(self) -> None:
         object.__setattr__(self, "_seen", None)
 
-    def _stashed(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def _stashed(self, weight: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor | None:
         stash = self._w_sn_stash
         if stash is None:
             return None
-        w_sn, key, grad_mode = stash
-        if key != _weight_key(weight) or grad_mode != torch.is_grad_enabled():
+        w_sn, key, grad_mode, stash_dtype = stash
+        if key != _weight_key(weight) or grad_mode != torch.is_grad_enabled() or stash_dtype != out_dtype:
             return None
         return w_sn
+
+    def _output_dtype(self, weight: torch.Tensor) -> torch.dtype | None:
+        """The autocast dtype W_sn is written in, or None (the weight's): only for layers whose op
+        autocast casts, and only for the dtypes autocast casts (floating, not float64)."""
+        if not getattr(self, "_autocast_output", False):
+            return None
+        target = autocast_dtype(weight.device.type)
+        if target is None or weight.dtype == target or weight.dtype not in (torch.float32, torch.float16,
+                                                                            torch.bfloat16):
+            return None
+        return target
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             return F.normalize(weight, dim=0, eps=self.eps)
         u, v = self._u, self._v
+        out_dtype = self._output_dtype(weight)
         if self.training:
             if torch.compiler.is_compiling():
                 # Fused layers were updated by their model's pre-hook, outside the graph. The others
@@ -226,14 +249,14 @@ class SpectralNorm(nn.Module):
                 if not self._fused:
                     _refresh_op(weight.detach(), u, v, self._layer_id)
             else:
-                w_sn = self._stashed(weight)
+                w_sn = self._stashed(weight, out_dtype)
                 if w_sn is not None:
                     return w_sn
                 if self._plist is None:
                     self._remember_weight(weight)
                 if self._seen != _weight_key(weight):
                     _power_iterate([(self, weight, u, v)], None)
-        return spectral_norm_normalize(weight, u, v, dim=self.dim, backend=self.backend)
+        return spectral_norm_normalize(weight, u, v, dim=self.dim, backend=self.backend, out_dtype=out_dtype)
 
     def _remember_weight(self, weight: torch.Tensor) -> None:
         ref = self._weight_ref
@@ -511,11 +534,12 @@ class _Fusion:
                 groups.setdefault((w.device, sn.backend), []).append((sn, w))
         grad_mode = torch.is_grad_enabled()
         for (_, backend), members in groups.items():
+            out_dtypes = [sn._output_dtype(w) for sn, w in members]
             w_sns = spectral_norm_normalize_multi(
                 [w for _, w in members], [sn._u for sn, _ in members], [sn._v for sn, _ in members],
-                [sn.dim for sn, _ in members], backend=backend)
-            for (sn, w), w_sn in zip(members, w_sns):
-                object.__setattr__(sn, "_w_sn_stash", (w_sn, _weight_key(w), grad_mode))
+                [sn.dim for sn, _ in members], backend=backend, out_dtypes=out_dtypes)
+            for (sn, w), w_sn, out_dtype in zip(members, w_sns, out_dtypes):
+                object.__setattr__(sn, "_w_sn_stash", (w_sn, _weight_key(w), grad_mode, out_dtype))
 
 
 _FUSION_ATTR = "_sagan_fast_sn_fusion"
@@ -741,6 +765,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if dim is None:
         dim = reference.default_spectral_norm_dim(module)
     sn = SpectralNorm(weight, n_power_iterations, dim, eps, backend=backend)
+    # Their forward's op (conv*, linear) is one autocast runs in lower precision: W_sn in that dtype.
+    object.__setattr__(sn, "_autocast_output", isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)))
     # register_parametrization evaluates the parametrization once (a training-mode forward, so one
     # power iteration, as torch's does too); the first real forward must iterate again, as torch's.
     parametrize.register_parametrization(module, name, sn)

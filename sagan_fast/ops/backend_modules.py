@@ -11,8 +11,10 @@ def backend_module(name: str, family: str):
     """The module of backend ``name`` ('reference' | 'triton' | 'cuda') for the op ``family``
     ('attention' | 'spectral_norm'). Each offers the same functions - attention:
     ``sagan_attention(q, k, v, scale)``; spectral_norm: ``power_iteration_(weights, us, vs, dims,
-    n_power_iterations, eps)`` and ``normalize(weight, u, v, sigma, dim)``. Import statements, not
-    importlib: torch.compile traces them (once the module is loaded) without a graph break."""
+    n_power_iterations, eps)`` and ``normalize(weight, u, v, dim)`` (sigma = u . W v computed from
+    the weight itself), the triton module also ``normalize(..., out_dtype)`` and
+    ``normalize_multi(weights, us, vs, dims, out_dtypes)``. Import statements, not importlib:
+    torch.compile traces them (once the module is loaded) without a graph break."""
     if name == "reference":
         from . import reference_backend as module
     elif name == "cuda":

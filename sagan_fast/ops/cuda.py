@@ -122,7 +122,9 @@ def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
     for i, w in enumerate(weights):
         groups.setdefault(w.dtype, []).append(i)
     out_dtype = torch.float64 if torch.float64 in groups else torch.float32
-    sigmas = None if len(groups) == 1 else torch.empty(len(weights), dtype=out_dtype, device=weights[0].device)
+    # Mixed dtypes: each group's sigmas are put back in order by one stack of device views (no
+    # index tensor from host memory, so this is capture-safe too).
+    ordered: list[torch.Tensor | None] = [None] * len(weights)
     for dtype, idx in groups.items():
         # The kernels want u, v contiguous and of the weight's dtype; anything else runs on a copy
         # that is written back (rare: buffers are created that way by sagan_fast.nn).
@@ -136,10 +138,11 @@ def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
                 us[i].copy_(work_us[j])
             if work_vs[j] is not vs[i]:
                 vs[i].copy_(work_vs[j])
-        if sigmas is None:  # the usual case: one dtype, no reordering
+        if len(groups) == 1:  # the usual case: one dtype, no reordering
             return group_sigmas
-        sigmas[torch.tensor(idx, device=sigmas.device)] = group_sigmas.to(out_dtype)
-    return sigmas
+        for sigma, i in zip(group_sigmas.to(out_dtype).unbind(), idx):
+            ordered[i] = sigma
+    return torch.stack(ordered)
 
 
 def _as_work_vector(vec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,12 +7,18 @@ Two ops, split where the math splits:
 - :func:`spectral_norm_normalize` is ``W / (u . W v)`` for one weight, differentiable in W with u
   and v constant: ``dW = (G - <G, W_sn> u v^T) / sigma``. Every backend computes sigma from the very
   weight it normalizes, so a weight written behind the power iteration's back (``.data``, C++) is
-  still divided by its own u . W v, identically on every backend.
+  still divided by its own u . W v, identically on every backend. ``out_dtype`` writes W_sn in
+  another floating dtype (the autocast dtype for fp32 master weights: the gradient still goes to
+  the weight, in its dtype); the triton backend writes it directly, the others cast.
 
 Each backend module (``reference_backend``, ``triton.spectral_norm``, ``cuda``; see
 :func:`sagan_fast.ops.backend_modules.backend_module`) provides
 ``power_iteration_(weights, us, vs, dims, n_power_iterations, eps)`` and
 ``normalize(weight, u, v, dim)`` with these exact semantics.
+
+All of it runs with autocast off: u . W v and the power iteration are reductions of the weight in
+its own precision (float32 accumulation at least), not matrix products autocast would run in
+bf16 / fp16.
 
 Complex weights (torch's spectral norm supports them: sigma = u^H W v) run on the reference
 backend whatever backend is asked for; the kernels are real-valued.
@@ -20,6 +26,7 @@ backend whatever backend is asked for; the kernels are real-valued.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -68,6 +75,34 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
     return dim
 
 
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` when it is enabled there, else None."""
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for our reductions (the reference and cuda backends use torch.mv, which
+    autocast would run in bf16 / fp16)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _check_out_dtype(weight: torch.Tensor, out_dtype: torch.dtype | None, where: str) -> torch.dtype | None:
+    """None when the output keeps the weight's dtype; a clear error for what cannot be written."""
+    if out_dtype is None or out_dtype == weight.dtype:
+        return None
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point or weight.is_complex():
+        raise TypeError(f"{where}: out_dtype must be a floating dtype for a real floating weight, got "
+                        f"{out_dtype} for a {weight.dtype} weight")
+    return out_dtype
+
+
 def _resolve(backend: str | None, tensors, op: str) -> str:
     """The backend that runs ``op``: complex tensors always go to the reference (the kernels are
     real-valued), after the requested backend name itself was validated."""
@@ -100,7 +135,8 @@ def spectral_norm_power_iteration_(weights: Sequence[torch.Tensor], us: Sequence
             for w, u, v, d in zip(weights, us, vs, dims)]
     name = _resolve(backend, [*weights, *us, *vs], OP_POWER_ITERATION)
     module = backend_module(name, "spectral_norm")
-    return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
+    with _no_autocast(weights[0].device.type):
+        return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
 
 def power_iteration_checked_(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
@@ -111,42 +147,60 @@ def power_iteration_checked_(weights: list[torch.Tensor], us: list[torch.Tensor]
     the backend is resolved from the first weight. For the per-step update of ``sagan_fast.nn``,
     which checks each layer once and runs this after every optimizer step."""
     name = _resolve(backend, [weights[0]], OP_POWER_ITERATION)
-    return backend_module(name, "spectral_norm").power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
+    with _no_autocast(weights[0].device.type):
+        module = backend_module(name, "spectral_norm")
+        return module.power_iteration_(weights, us, vs, dims, n_power_iterations, eps)
 
 
 def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                             sigma: torch.Tensor | None = None, *, dim: int = 0,
-                            backend: str | None = None) -> torch.Tensor:
+                            backend: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``weight / (u . W v)``, sigma computed from this very weight; differentiable in weight with
     u, v constant (backward ``(G - <G, W_sn> u v^T) / sigma``).
 
-    ``sigma`` is accepted for callers of the earlier signature and **not used**: every backend
-    recomputes u . W v from ``weight`` (one extra pass over W), so no backend can divide a weight by
-    a sigma that belongs to another weight, and all backends give the same W_sn for the same
-    weight, u and v.
+    ``out_dtype``: the dtype of the result (default the weight's), e.g. the autocast dtype, so a
+    convolution under autocast has nothing left to cast; the gradient reaches the weight in its
+    own dtype. ``sigma`` is accepted for callers of the earlier signature and **not used**: every
+    backend recomputes u . W v from ``weight`` (one extra pass over W), so no backend can divide a
+    weight by a sigma that belongs to another weight, and all backends give the same W_sn for the
+    same weight, u and v.
     """
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_normalize")
+    out_dtype = _check_out_dtype(weight, out_dtype, "spectral_norm_normalize")
     name = _resolve(backend, [weight, u, v], OP_NORMALIZE)
-    return backend_module(name, "spectral_norm").normalize(weight, u, v, dim)
+    module = backend_module(name, "spectral_norm")
+    with _no_autocast(weight.device.type):
+        if name == "triton":
+            return module.normalize(weight, u, v, dim, out_dtype)
+        out = module.normalize(weight, u, v, dim)
+        return out if out_dtype is None else out.to(out_dtype)
 
 
 def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
                                   vs: Sequence[torch.Tensor], dims: Sequence[int], *,
-                                  backend: str | None = None) -> list[torch.Tensor]:
+                                  backend: str | None = None,
+                                  out_dtypes: Sequence[torch.dtype | None] | None = None
+                                  ) -> list[torch.Tensor]:
     """:func:`spectral_norm_normalize` for many weights: two launches (per dtype group) on triton,
-    a loop elsewhere. Eager autograd (torch.compile: use the per-weight op)."""
+    a loop elsewhere. ``out_dtypes``: one per weight (None: the weight's). Eager autograd
+    (torch.compile: use the per-weight op)."""
     weights, us, vs, dims = list(weights), list(us), list(vs), list(dims)
-    if not (len(weights) == len(us) == len(vs) == len(dims)):
+    out_dtypes = [None] * len(weights) if out_dtypes is None else list(out_dtypes)
+    if not (len(weights) == len(us) == len(vs) == len(dims) == len(out_dtypes)):
         raise ValueError(f"spectral_norm_normalize_multi: got {len(weights)} weights, {len(us)} u, "
-                         f"{len(vs)} v and {len(dims)} dims")
+                         f"{len(vs)} v, {len(dims)} dims and {len(out_dtypes)} output dtypes")
     if not weights:
         return []
     dims = [check_spectral_norm_inputs(w, u, v, d, "spectral_norm_normalize_multi")
             for w, u, v, d in zip(weights, us, vs, dims)]
+    out_dtypes = [_check_out_dtype(w, o, "spectral_norm_normalize_multi")
+                  for w, o in zip(weights, out_dtypes)]
     name = _resolve(backend, [*weights, *us, *vs], OP_NORMALIZE)
     if name == "triton" and all(w.is_contiguous() for w in weights):
-        return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, dims)
-    return [spectral_norm_normalize(w, u, v, dim=d, backend=name) for w, u, v, d in zip(weights, us, vs, dims)]
+        with _no_autocast(weights[0].device.type):
+            return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, dims, out_dtypes)
+    return [spectral_norm_normalize(w, u, v, dim=d, backend=name, out_dtype=o)
+            for w, u, v, d, o in zip(weights, us, vs, dims, out_dtypes)]
 
 
 @torch.no_grad()
@@ -156,4 +210,5 @@ def spectral_norm_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, 
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_sigma")
     mat = reference.weight_to_matrix(weight, dim)
     dtype = accumulation_dtype(weight.dtype)
-    return reference.spectral_norm_sigma(mat.to(dtype), u.to(dtype), v.to(dtype))
+    with _no_autocast(weight.device.type):
+        return reference.spectral_norm_sigma(mat.to(dtype), u.to(dtype), v.to(dtype))
