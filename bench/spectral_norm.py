@@ -2,11 +2,12 @@
 the update table (does every optimizer's step get its power iteration?), and the host cost of the
 optimizer hook.
 
-    python bench/spectral_norm.py                  # timing; on the GPU: fp32 and bf16, every backend
+    python bench/spectral_norm.py                  # timing; on the GPU: fp32, fp32 + bf16 autocast, bf16
     python bench/spectral_norm.py --quick          # shorter timing
     python bench/spectral_norm.py --device cpu     # CPU numbers (small ch by default), says so
     python bench/spectral_norm.py --update-table   # optimizer form x backend: sigma of W_sn after 50 steps
     python bench/spectral_norm.py --hook-cost      # host microseconds the SN optimizer hook adds per step
+    python bench/spectral_norm.py --traffic        # launches and bytes per phase of the triton path (no GPU)
 
 Timing. The layers are the SN weights of ``Generator(128, ch)`` + ``Discriminator(128, ch)``
 (listed with ``sagan_fast.nn.spectral_norm_layers`` on models built on the meta device, so nothing
@@ -21,11 +22,24 @@ path can be checked to normalize). What is timed, per implementation:
   forward of ``fuse_spectral_norms`` (every W / sigma in one call); also split into parts.
 - backward: dL/dW for every layer from random dL/dW_sn (``torch.autograd.backward``).
 
+dtypes: ``fp32``, ``bf16``, ``fp16`` weights, or ``amp-bf16`` / ``amp-fp16``: fp32 master
+weights with the forward under autocast, where a convolution needs W_sn in the autocast dtype:
+each implementation's W_sn is cast to it when it is not already (torch's parametrization: an
+fp32 W_sn that autocast casts; ours: written in the autocast dtype), and the backward's
+gradients arrive in that dtype.
+
 Also: kernel launches (torch.profiler), peak memory, the error of W_sn against float64 from the
-same start, and GB/s for a nominal 5 x weight bytes forward (two reads for the power iteration,
-a read for u . W v and a read and a write for W / sigma) and 4 x backward (G twice, W once, dW
-written), next to the card's copy bandwidth measured in the same run on a buffer of the same size.
-Every implementation ends with ``assert_normalized`` on the weights it timed.
+same start, and GB/s for the bytes the semantics need at least (``traffic_bytes``): forward two
+reads of W for the power iteration, one for u . W v, one more and the W_sn write for W / sigma;
+backward G twice, W once, dW written. Next to the card's copy bandwidth measured in the same run
+on a buffer of the same size. Every implementation ends with ``assert_normalized`` on the
+weights it timed.
+
+Traffic (``--traffic``, no GPU): the triton path's launches for SAGAN-128 G+D recorded, not run
+(tables built on CPU tensors), per phase - power iteration, model-level (fused) normalize and its
+backward, per-layer normalize and backward - with how many passes over weight-sized data each
+kernel makes and the bytes that adds up to, and the time those bytes take at a bandwidth given
+with ``--bandwidth-tbps`` (an estimate from bytes, not a measurement).
 
 Update table. A small model (conv, transposed conv, linear; two linears for Muon) trained 50
 steps by every torch.optim optimizer in each form torch offers on the device (for-loop, foreach,
@@ -39,6 +53,7 @@ once, at capture).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 import time
@@ -59,6 +74,17 @@ from sagan_fast.ops._backend import why_unavailable  # noqa: E402
 from sagan_fast.ops.spectral_norm import OP_NORMALIZE, OP_POWER_ITERATION  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32 master weights, forward under autocast in this dtype.
+AMP_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+def traffic_bytes(numel: int, weight_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[int, int]:
+    """(forward, backward) bytes the semantics need at least: forward reads W four times (two
+    power-iteration passes, u . W v, W / sigma) and writes W_sn; backward reads G twice and W
+    once and writes dW (G and W_sn in ``out_dtype``)."""
+    w = numel * torch.empty((), dtype=weight_dtype).element_size()
+    o = numel * torch.empty((), dtype=out_dtype).element_size()
+    return 4 * w + o, 2 * o + 2 * w
 
 
 def sagan_sn_layers(resolution: int, ch: int, n_classes: int) -> list[tuple[tuple[int, ...], int]]:
@@ -132,9 +158,10 @@ def expected_w_sn(state) -> list[torch.Tensor]:
     return [reference.spectral_norm(w, u, v, dim=dim)[0] for w, u, v, dim in state]
 
 
-def run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report):
+def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_dtype=None):
     """``impl``: "torch", a backend name (per-layer W / sigma), or "<backend>+fused" (all layers'
-    W / sigma in one call, the model forward of ``fuse_spectral_norms``)."""
+    W / sigma in one call, the model forward of ``fuse_spectral_norms``). ``amp_dtype``: the
+    forward runs under autocast and W_sn must end up in that dtype (cast when it is not)."""
     backend, fused = impl.split("+")[0], impl.endswith("+fused")
     model = build(backend, specs, device, dtype)
     if fused:
@@ -146,7 +173,11 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report):
         update_spectral_norms(model, force=True, check_finite=False)
 
     def normalize():
-        return model()
+        if amp_dtype is None:
+            return model()
+        with torch.autocast(device.type, dtype=amp_dtype):
+            # what a convolution under autocast gets: W_sn cast to amp_dtype unless it is already
+            return [w if w.dtype == amp_dtype else w.to(amp_dtype) for w in model()]
 
     def forward():
         if ours:
@@ -178,23 +209,30 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report):
     # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8).
     assert_normalized(model, tol=0.02)
 
-    def gbps(ms, passes):
-        return passes * weight_bytes / (ms * 1e-3) / 1e9
+    def gbps(ms, nbytes):
+        return nbytes / (ms * 1e-3) / 1e9
 
+    fwd_bytes, bwd_bytes = traffic
     report.add(impl="torch parametrization" if impl == "torch" else f"sagan_fast {impl}",
-               dtype=str(dtype).replace("torch.", ""),
+               dtype=_dtype_label(dtype, amp_dtype),
                fwd_ms=t_fwd.median_ms, bwd_ms=t_bwd.median_ms,
                power_iter_ms=t_pi.median_ms if t_pi else None, normalize_ms=t_norm.median_ms if t_norm else None,
                fwd_launches=fwd_launches, bwd_launches=bwd_launches,
-               fwd_GBps=gbps(t_fwd.median_ms, 5), bwd_GBps=gbps(t_bwd.median_ms, 4),
-               fwd_pct_of_copy=100 * gbps(t_fwd.median_ms, 5) / copy_gbps,
-               bwd_pct_of_copy=100 * gbps(t_bwd.median_ms, 4) / copy_gbps,
+               fwd_GBps=gbps(t_fwd.median_ms, fwd_bytes), bwd_GBps=gbps(t_bwd.median_ms, bwd_bytes),
+               fwd_pct_of_copy=100 * gbps(t_fwd.median_ms, fwd_bytes) / copy_gbps,
+               bwd_pct_of_copy=100 * gbps(t_bwd.median_ms, bwd_bytes) / copy_gbps,
                fwd_peak_MiB=fwd_peak,
                w_sn_rel_err_vs_fp64=err,
                max_sigma_minus_1=max(abs(s - 1) for s in normalized_sigmas(model).values()),
                fwd_p20_p80=f"{t_fwd.p20_ms:.3g}-{t_fwd.p80_ms:.3g}",
                bwd_p20_p80=f"{t_bwd.p20_ms:.3g}-{t_bwd.p80_ms:.3g}")
-    say(f"  {impl:9s} {dtype}: fwd {t_fwd.median_ms:.3f} ms, bwd {t_bwd.median_ms:.3f} ms, err {err:.2g}")
+    say(f"  {impl:9s} {_dtype_label(dtype, amp_dtype)}: fwd {t_fwd.median_ms:.3f} ms, "
+        f"bwd {t_bwd.median_ms:.3f} ms, err {err:.2g}")
+
+
+def _dtype_label(dtype: torch.dtype, amp_dtype: torch.dtype | None) -> str:
+    name = str(dtype).replace("torch.", "")
+    return name if amp_dtype is None else f"{name} W, autocast {str(amp_dtype).replace('torch.', '')}"
 
 
 def available_backends(requested: str, device: torch.device, report: Report | None = None) -> list[str]:
@@ -213,7 +251,13 @@ def available_backends(requested: str, device: torch.device, report: Report | No
 def timing_main(args, device: torch.device) -> int:
     on_gpu = device.type == "cuda"
     ch = args.ch or (64 if on_gpu else 8)
-    dtypes = [DTYPES[d] for d in (args.dtypes or ("fp32,bf16" if on_gpu else "fp32")).split(",")]
+    default = ("fp32,amp-bf16" if args.quick else "fp32,amp-bf16,bf16") if on_gpu else "fp32"
+    names = (args.dtypes or default).split(",")
+    unknown = [n for n in names if n not in DTYPES and n not in AMP_DTYPES]
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {', '.join([*DTYPES, *AMP_DTYPES])}")
+    # (weight dtype, autocast dtype or None)
+    dtypes = [(DTYPES[n], None) if n in DTYPES else (torch.float32, AMP_DTYPES[n]) for n in names]
     specs = sagan_sn_layers(args.resolution, ch, args.n_classes)
     numel = sum(torch.Size(s).numel() for s, _ in specs)
     card = card_info(device)
@@ -224,24 +268,25 @@ def timing_main(args, device: torch.device) -> int:
     say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, on {card['name']}")
     backends = available_backends(args.backends, device, report)
     failures = 0
-    for dtype in dtypes:
+    for dtype, amp_dtype in dtypes:
         weight_bytes = numel * torch.empty((), dtype=dtype).element_size()
+        traffic = traffic_bytes(numel, dtype, amp_dtype or dtype)
         src = torch.empty(numel, device=device, dtype=dtype).normal_()
         dst = torch.empty_like(src)
         t_copy = time_fn(lambda: dst.copy_(src), device=device)
         copy_gbps = 2 * weight_bytes / (t_copy.median_ms * 1e-3) / 1e9
         del src, dst
-        report.add(impl="copy of the same bytes (on the device)", dtype=str(dtype).replace("torch.", ""),
+        report.add(impl="copy of the same bytes (on the device)", dtype=_dtype_label(dtype, amp_dtype),
                    fwd_ms=t_copy.median_ms, fwd_GBps=copy_gbps)
         say(f"  copy {dtype}: {copy_gbps:.0f} GB/s")
         impls = ["torch", *backends] + (["triton+fused"] if "triton" in backends else [])
         for impl in impls:
             try:
-                run_impl(impl, specs, device, dtype, args, copy_gbps, weight_bytes, report)
+                run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_dtype)
             except Exception as exc:  # one broken backend must not hide the others' numbers
                 failures += 1
-                say(f"  {impl} {dtype} FAILED: {exc!r}")
-                report.add(impl=f"sagan_fast {impl}", dtype=str(dtype).replace("torch.", ""),
+                say(f"  {impl} {_dtype_label(dtype, amp_dtype)} FAILED: {exc!r}")
+                report.add(impl=f"sagan_fast {impl}", dtype=_dtype_label(dtype, amp_dtype),
                            error=repr(exc)[:300])
             if on_gpu:
                 torch.cuda.empty_cache()
@@ -252,8 +297,10 @@ def timing_main(args, device: torch.device) -> int:
     table = report.markdown(columns)
     notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, n_classes={args.n_classes}), "
              f"{numel / 1e6:.2f} M weights. fwd = power iteration + W/sigma for every layer; GB/s for "
-             "5 x weight bytes forward, 4 x backward; copy = device-to-device copy of the weight bytes "
-             "(read + write); max_sigma_minus_1: |largest singular value of W_sn - 1| after timing."
+             "the bytes the semantics need (fwd: 4 reads of W + the W_sn write; bwd: 2 reads of G, a read "
+             "of W, the dW write; autocast rows: W_sn and G in the autocast dtype); copy = device-to-device "
+             "copy of the weight bytes (read + write); max_sigma_minus_1: |largest singular value of "
+             "W_sn - 1| after timing."
              + ("" if on_gpu else " CPU run: not comparable with the GPU targets."))
     print(table + notes)
     path = report.save_json(args.json)
@@ -478,15 +525,112 @@ def hook_cost_main(args, device: torch.device) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Traffic: launches and bytes of the triton path, recorded on CPU tensors (no GPU, nothing runs)
+# ------------------------------------------------------------------------------------------------
+
+# Weight-sized data each kernel streams: W (the weight), O (W_sn or its gradient G, in the output
+# dtype), D (dW, in the weight dtype); the rest (u, v, workspaces, tables) is small.
+KERNEL_STREAMS = {
+    "_matvec_kernel": "W", "_rmatvec_kernel": "W", "_finalize_kernel": "",
+    "_uwv_partials_multi_kernel": "W", "_scale_multi_kernel": "WO",
+    "_dot_partials_multi_kernel": "OW", "_normalize_backward_multi_kernel": "OD",
+    "_uwv_partials_kernel": "W", "_scale_kernel": "WO", "_dot_partials_kernel": "OW",
+    "_normalize_backward_kernel": "OD",
+}
+
+
+@contextlib.contextmanager
+def recorded_triton_launches():
+    """Every Triton launch in the block is recorded by kernel name, not run (JIT or interpreter)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    names: list[str] = []
+    originals = JITFunction.run, InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        names.append(self.__name__)
+    JITFunction.run = InterpretedFunction.run = record
+    try:
+        yield names
+    finally:
+        JITFunction.run, InterpretedFunction.run = originals
+
+
+def traffic_main(args) -> int:
+    """Launches, passes over weight-sized data and bytes per phase of the triton path for the SAGAN
+    G+D weights (fp32, and fp32 master weights with W_sn in the autocast dtype)."""
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    specs = sagan_sn_layers(args.resolution, args.ch or 64, args.n_classes)
+    numel = sum(torch.Size(s).numel() for s, _ in specs)
+    dims = [d for _, d in specs]
+    report = Report("spectral_norm_traffic", {"name": "none (CPU, launches recorded)"},
+                    dict(vars(args), layers=len(specs), weights=numel))
+    for label, out_dtype in (("fp32", None), ("fp32 W, bf16 W_sn (autocast)", torch.bfloat16)):
+        ws = [torch.empty(shape) for shape, _ in specs]
+        us = [torch.empty(w.shape[d]) for w, d in zip(ws, dims)]
+        vs = [torch.empty(w.numel() // w.shape[d]) for w, d in zip(ws, dims)]
+        sizes = {"W": 4 * numel, "D": 4 * numel, "O": (2 if out_dtype else 4) * numel}
+        phases = {}
+        with recorded_triton_launches() as names:
+            uploads = tsn._UPLOADS
+            tsn.power_iteration_(ws, us, vs, dims, 1, 1e-12)
+            phases["power iteration (once per weight update)"] = (list(names), tsn._UPLOADS - uploads)
+            for fused in (True, False):
+                params = [w.clone().requires_grad_() for w in ws]
+                names.clear()
+                uploads = tsn._UPLOADS
+                outs = (tsn.normalize_multi(params, us, vs, dims, [out_dtype] * len(ws)) if fused else
+                        [tsn.normalize(p, u, v, d, out_dtype) for p, u, v, d in zip(params, us, vs, dims)])
+                kind = "model-level (fuse_spectral_norms)" if fused else "per layer (unfused, compiled)"
+                phases[f"normalize forward, {kind}"] = (list(names), tsn._UPLOADS - uploads)
+                grads = [torch.empty_like(o) for o in outs]
+                for repeat in ("first", "same gradients again") if fused else ("",):
+                    names.clear()
+                    uploads = tsn._UPLOADS
+                    torch.autograd.grad(outs, params, grads, retain_graph=True)
+                    phases[f"normalize backward, {kind}" + (f", {repeat}" if repeat else "")] = (
+                        list(names), tsn._UPLOADS - uploads)
+        for phase, (launched, n_uploads) in phases.items():
+            streams = "".join(KERNEL_STREAMS[n] for n in dict.fromkeys(launched))
+            nbytes = sum(sizes[c] for c in streams)
+            report.add(config=label, phase=phase, launches=len(launched), kernels=len(set(launched)),
+                       W_passes=streams.count("W"), W_sn_or_G_passes=streams.count("O"),
+                       dW_passes=streams.count("D"),
+                       MB=nbytes / 1e6, ms_at_bandwidth=nbytes / (args.bandwidth_tbps * 1e12) * 1e3,
+                       table_uploads=n_uploads)
+        del ws, us, vs
+    columns = ["config", "phase", "launches", "kernels", "W_passes", "W_sn_or_G_passes", "dW_passes", "MB",
+               "ms_at_bandwidth", "table_uploads"]
+    table = report.markdown(columns)
+    notes = (f"\n\nSAGAN-{args.resolution} G+D (ch={args.ch or 64}, n_classes={args.n_classes}): "
+             f"{len(specs)} SN weights, {numel / 1e6:.1f} M elements ({4 * numel / 1e6:.0f} MB in fp32). "
+             "Launches recorded on CPU tensors, not run. Passes: weight-sized streams of the phase's kernels "
+             "(each kernel type covers every weight once); MB: their bytes; ms_at_bandwidth: those bytes at "
+             f"--bandwidth-tbps ({args.bandwidth_tbps} TB/s), an estimate, not a measurement. table_uploads: "
+             "host-to-device table copies (the gradient table is cached on the gradients' addresses).")
+    print(table + notes)
+    path = report.save_json(args.json)
+    path.with_suffix(".md").write_text(table + notes + "\n")
+    say(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--update-table", action="store_true",
                         help="optimizer form x backend: sigma of W_sn after --steps steps, updates per step")
     parser.add_argument("--hook-cost", action="store_true", help="host cost of the SN optimizer hook")
+    parser.add_argument("--traffic", action="store_true",
+                        help="launches and bytes per phase of the triton path (recorded on CPU, "
+                        "nothing runs)")
+    parser.add_argument("--bandwidth-tbps", type=float, default=3.35,
+                        help="--traffic: bandwidth for the bytes-to-time estimate (H100 SXM HBM3: 3.35)")
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated from fp32,bf16,fp16 "
-                        "(default: fp32,bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated from fp32,bf16,fp16,amp-bf16,"
+                        "amp-fp16 "
+                        "(default on GPU: fp32,amp-bf16,bf16, with --quick fp32,amp-bf16; on CPU: fp32)")
     parser.add_argument("--backends", default="reference,triton,cuda",
                         help="ours to compare with torch (the unavailable ones are skipped, with the reason)")
     parser.add_argument("--optimizers", default=None, help="--update-table: only these (comma-separated)")
@@ -497,6 +641,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-classes", type=int, default=1000)
     parser.add_argument("--json", default=None, help="output path (default: bench/results/...)")
     args = parser.parse_args(argv)
+    if args.traffic:
+        return traffic_main(args)
     device = torch.device(args.device) if args.device else default_device()
     if args.update_table:
         return update_table_main(args, device)

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sagan_fast.nn import SNConv2d, SNEmbedding, SNLinear
 from sagan_fast.nn.spectral_norm import (SpectralNormError, check_spectral_norms, fuse_spectral_norms,
                                          set_check_finite, spectral_norm, spectral_norm_layers,
                                          update_spectral_norms)
 from sagan_fast.ops import BackendUnavailableError, reference
 from sagan_fast.ops.spectral_norm import (spectral_norm_normalize, spectral_norm_power_iteration_,
                                           spectral_norm_sigma)
+from tests.sn_cases import BACKENDS, _cuda_reason, _triton_reason
 from tests.utils import assert_close_report, requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -552,6 +554,404 @@ def test_sigma_op_and_one_dimensional_weight():
     spectral_norm(m, backend="reference")
     assert_close_report(m.weight, F.normalize(m.parametrizations.weight.original.detach(), dim=0),
                         atol=0, rtol=0, name="1-D weight")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel plumbing (issue 13): output dtype, alignment fallback, launch tables, capture, launches
+# ------------------------------------------------------------------------------------------------
+
+# W_sn in a 16-bit dtype is W / sigma computed in fp32 (~1e-6 relative) and rounded once: to
+# nearest on a GPU (half an ulp), by truncation in the Triton interpreter (under one ulp). One ulp
+# relative bounds both: 2^-7 of the value for bf16 (8 significant bits), 2^-10 for fp16 (11). An
+# fp32 W_sn cast by autocast is within half an ulp of the same value, so on a GPU the two agree to
+# one ulp. dW stays fp32 from the given 16-bit G: the fp32 tolerance of TOL.
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+# More shapes: rows of whole 16-byte vectors (C = 40, 64: the aligned tiled branch) and SAGAN's
+# 3-channel input conv (C = 27: tiled, unaligned rows).
+ALIGN_WEIGHTS = WEIGHTS + [((24, 40), 0, "rows_of_40"), ((40, 64), 0, "rows_of_64"),
+                           ((16, 3, 3, 3), 0, "rgb_conv")]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` one element past an aligned address."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _fp64_normalize(w, u, v, dim, grad):
+    """float64 W / (u . W v) and its gradient for ``grad`` (u, v constant)."""
+    w64 = w.detach().double().clone().requires_grad_()
+    out = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(), v.double())
+    out.backward(grad.double())
+    return out.detach(), w64.grad
+
+
+@_triton_ok
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["per_layer", "multi"])
+def test_normalize_writes_the_output_dtype_and_grads_the_fp32_weight(path, out_dtype, monkeypatch):
+    """fp32 weights, W_sn in bf16 / fp16 (what autocast wants), G in that dtype: W_sn within one
+    ulp of the float64 W / sigma, dW in fp32 within fp32 rounding of the float64 gradient."""
+    from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    problems = [_random_problem(s, d, torch.float32) for s, d, _ in ALIGN_WEIGHTS]
+    dims = [d for _, d, _ in ALIGN_WEIGHTS]
+    ws = [w.clone().requires_grad_() for w, _, _ in problems]
+    us, vs = [u for _, u, _ in problems], [v for _, _, v in problems]
+    if path == "multi":
+        outs = spectral_norm_normalize_multi(ws, us, vs, dims, backend="triton",
+                                             out_dtypes=[out_dtype] * len(ws))
+    else:
+        outs = [spectral_norm_normalize(w, u, v, dim=d, backend="triton", out_dtype=out_dtype)
+                for w, u, v, d in zip(ws, us, vs, dims)]
+    grads = [torch.randn(w.shape, dtype=torch.float64).to(out_dtype) for w in ws]
+    torch.autograd.backward(outs, grads)
+    for w, u, v, d, out, g, (_, _, name) in zip(ws, us, vs, dims, outs, grads, ALIGN_WEIGHTS):
+        assert out.dtype == out_dtype and w.grad.dtype == torch.float32, (name, out.dtype, w.grad.dtype)
+        ref, ref_grad = _fp64_normalize(w, u, v, d, g)
+        assert_close_report(out, ref, atol=0, rtol=ULP[out_dtype] + 2e-6, name=f"{name} W_sn")
+        assert_close_report(w.grad, ref_grad, atol=TOL[torch.float32], rtol=TOL[torch.float32],
+                            name=f"{name} dW")
+
+
+@_triton_ok
+def test_unaligned_storage_takes_the_fallback_branch_with_the_same_result(monkeypatch):
+    """A weight (or u) 4 bytes past an aligned address runs the unhinted branch of every kernel:
+    the same sums in the same order, so u, v, sigma, W_sn and dW are bitwise the aligned copy's.
+    The plans record which branch each weight takes."""
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    monkeypatch.setattr(tsn, "_BLOCK_MULTI", 256)
+    monkeypatch.setattr(tsn, "_BLOCK_EW", 128)
+    w, u, v = _random_problem((40, 64), 0, torch.float32)
+    results, plans = [], []
+    for weight, uu in ((w.clone(), u.clone()), (_misaligned(w), u.clone()), (w.clone(), _misaligned(u))):
+        vv = v.clone()
+        sigma = tsn.power_iteration_([weight], [uu], [vv], [0], 2, 1e-12)
+        plans.append(next(p for k, p in tsn._PLANS.items() if k[0] == "power_iteration"
+                          and k[2][0] == weight.data_ptr() and k[2][2] == uu.data_ptr()))
+        wg = weight.detach().requires_grad_()
+        (out,) = tsn.normalize_multi([wg], [uu], [vv], [0])
+        out.backward(torch.ones_like(out))
+        plans.append(next(p for k, p in tsn._PLANS.items() if k[0] == "normalize"
+                          and k[2][0] == weight.data_ptr() and k[2][2] == uu.data_ptr()))
+        results.append((uu, vv, sigma, out.detach(), wg.grad))
+    assert [p.paths for p in plans[::2]] == [[2], [1], [1]]  # dim 0 aligned; dim 0 not aligned
+    assert [(p.tiled, p.hints) for p in plans[1::2]] == [([True], [3]), ([True], [0]), ([True], [1])]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@_triton_ok
+def test_alignment_flags_of_every_layout(monkeypatch):
+    """What each test shape gets: dim-0 weights tiled (rows of >= 32 or small), aligned when their
+    rows are whole vectors; other dims flat, aligned when their size is; the group compiles the
+    general-dim / flat paths only when such a weight is in it."""
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    problems = [_random_problem(s, d, torch.float32) for s, d, _ in ALIGN_WEIGHTS]
+    ws, us, vs = (list(x) for x in zip(*problems))
+    dims = [d for _, d, _ in ALIGN_WEIGHTS]
+    tsn.normalize_multi(ws, us, vs, dims)
+    tsn.power_iteration_(ws, us, vs, dims, 1, 1e-12)
+    plans = {k[0]: p for k, p in tsn._PLANS.items()}
+    names = [n for _, _, n in ALIGN_WEIGHTS]
+    tiled = dict(zip(names, plans["normalize"].tiled))
+    hints = dict(zip(names, plans["normalize"].hints))
+    paths = dict(zip(names, plans["power_iteration"].paths))
+    assert tiled == dict(conv=True, conv_transpose=False, linear_to_1=True, linear=True, embedding=True,
+                         dim2=False, rows_of_40=True, rows_of_64=True, rgb_conv=True)
+    assert {n for n, h in hints.items() if h & 2} == {"linear_to_1", "rows_of_40", "rows_of_64"}
+    assert {n for n, h in hints.items() if h & 1} == {"linear_to_1", "dim2", "rows_of_40", "rows_of_64",
+                                                      "rgb_conv"}
+    assert {n for n, p in paths.items() if p == 0} == {"conv_transpose", "dim2"}
+    assert {n for n, p in paths.items() if p == 2} == {"linear_to_1", "rows_of_40", "rows_of_64"}
+    assert plans["normalize"].flat and plans["power_iteration"].general
+    dim0 = [i for i, d in enumerate(dims) if d == 0]
+    tsn.normalize_multi([ws[i] for i in dim0], [us[i] for i in dim0], [vs[i] for i in dim0], [0] * len(dim0))
+    assert not tsn._PLANS[next(k for k in tsn._PLANS if k[0] == "normalize" and len(k) == 2 + len(dim0))].flat
+
+
+@_triton_ok
+def test_launch_tables_built_once_and_rebuilt_only_for_new_storage(monkeypatch):
+    """The forward's tables are built once per (weights, u, v) and kept; the backward's gradient
+    table is cached on the gradients' addresses; an in-place write keeps the plan (same
+    addresses, same contents), new storage (``.data = ...``) gets a new one: every result equals
+    the float64 reference of the values at that time."""
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    problems = [_random_problem(s, d, torch.float32) for s, d, _ in WEIGHTS[:3]]
+    dims = [d for _, d, _ in WEIGHTS[:3]]
+    ws = [nn.Parameter(w.clone()) for w, _, _ in problems]
+    us, vs = [u for _, u, _ in problems], [v for _, _, v in problems]
+    grads = [torch.randn_like(w) for w in ws]
+
+    def check(outs):
+        for w, u, v, d, out, g in zip(ws, us, vs, dims, outs, grads):
+            ref, ref_grad = _fp64_normalize(w, u, v, d, g)
+            assert_close_report(out, ref, atol=TOL[torch.float32], rtol=TOL[torch.float32], name="W_sn")
+
+    start = tsn._UPLOADS
+    outs = tsn.normalize_multi(ws, us, vs, dims)
+    assert tsn._UPLOADS - start == 5  # pointers, sizes, three work lists
+    torch.autograd.backward(outs, grads, retain_graph=True)
+    assert tsn._UPLOADS - start == 6  # + the gradients' addresses
+    torch.autograd.backward(outs, grads)
+    assert tsn._UPLOADS - start == 6  # the same gradients: the cached table
+    check(tsn.normalize_multi(ws, us, vs, dims))
+    with torch.no_grad():
+        ws[0].add_(torch.randn_like(ws[0]))  # in place: same storage, same plan, new values
+    check(tsn.normalize_multi(ws, us, vs, dims))
+    assert tsn._UPLOADS - start == 6
+    ws[1].data = ws[1].data.clone() * 2 + 1  # new storage: a new plan
+    check(tsn.normalize_multi(ws, us, vs, dims))
+    assert tsn._UPLOADS - start == 11
+
+
+@_triton_ok
+@pytest.mark.parametrize("change", ["load_state_dict_assign", "to_float64"])
+def test_fused_model_follows_new_weight_storage(change):
+    """Model-level: the fused normalize after load_state_dict(assign=True) (new storage, new
+    values) or .to(float64) gives what the reference backend gives for the same state."""
+    torch.manual_seed(11)
+    _, d = _tiny_gan("triton")
+    _, d_ref = _tiny_gan("reference")
+    x = torch.randn(3, 3, 4, 4)
+    d(x).sum().backward()  # plans for the first storage
+    state = {k: (v + 0.1 * torch.randn_like(v)) if k.endswith("original") else v.clone()
+             for k, v in d.state_dict().items()}
+    if change == "load_state_dict_assign":
+        d.load_state_dict(state, assign=True)
+    else:
+        d.load_state_dict(state)
+        d.to(torch.float64)
+        d_ref.to(torch.float64)
+        x = x.double()
+    d_ref.load_state_dict(d.state_dict())
+    d.zero_grad()
+    out, out_ref = d(x), d_ref(x)
+    out.sum().backward()
+    out_ref.sum().backward()
+    tol = 1e-5 if change == "load_state_dict_assign" else 1e-12
+    assert_close_report(out, out_ref, atol=tol, rtol=tol, name="D output")
+    for (sn, w), (_, w_ref) in zip(spectral_norm_layers(d), spectral_norm_layers(d_ref)):
+        assert_close_report(w.grad, w_ref.grad, atol=tol, rtol=tol, name="dW")
+
+
+@_triton_ok
+def test_no_host_data_reaches_the_device_while_capturing_mixed_dtypes(monkeypatch):
+    """A CUDA-graph capture (simulated: the capture check patched) of a mixed-dtype step - fp32 and
+    fp64 weights in one call, power iteration, model-level normalize and its backward - once the
+    plans exist from an eager run: no tensor is built from host data (aten.lift_fresh), nothing
+    syncs (aten._local_scalar_dense), no table is uploaded; gradients at addresses no cached
+    table holds take the per-weight kernels. Results equal the eager run's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sagan_fast.ops.triton import spectral_norm as tsn
+    monkeypatch.setattr(tsn, "_PLANS", {})
+    monkeypatch.setattr(tsn, "_CAPTURED_PLANS", [])
+
+    class NoHostData(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten._local_scalar_dense.default):
+                raise AssertionError(f"{func} while capturing")
+            return func(*args, **(kwargs or {}))
+
+    with pytest.raises(AssertionError, match="lift_fresh"), NoHostData():
+        torch.tensor([1, 2])  # the check sees a host-data tensor (and would see an index list)
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64]
+    problems = [_random_problem(s, d, dt) for (s, d, _), dt in zip(WEIGHTS, dtypes)]
+    dims = [d for _, d, _ in WEIGHTS[:4]]
+    grads_seen, grads_new = ([torch.randn(w.shape, dtype=w.dtype) for w, _, _ in problems] for _ in range(2))
+
+    # One set of parameters and buffers, as a captured training step has (fixed addresses).
+    ws = [w.clone().requires_grad_() for w, _, _ in problems]
+    us, vs = [u.clone() for _, u, _ in problems], [v.clone() for _, _, v in problems]
+
+    def step(grads):
+        for w, x, (_, u0, v0) in zip(ws, us, problems):
+            w.grad = None
+            x.copy_(u0)
+        for x, (_, _, v0) in zip(vs, problems):
+            x.copy_(v0)
+        # the op's implementation (a dispatch mode does not see inside a custom op it dispatches)
+        sigmas = tsn._power_iteration_impl([w.detach() for w in ws], us, vs, dims, 1, 1e-12)
+        outs = tsn.normalize_multi(ws, us, vs, dims)
+        torch.autograd.backward(outs, grads)
+        return [t.clone() for t in (sigmas, *us, *vs, *[o.detach() for o in outs], *[w.grad for w in ws])]
+
+    eager_seen = step(grads_seen)  # plans and the gradient table of grads_seen
+    per_weight = []
+    impl = tsn._normalize_backward_impl
+    monkeypatch.setattr(tsn, "_normalize_backward_impl", lambda *a: per_weight.append(1) or impl(*a))
+    uploads = tsn._UPLOADS
+    monkeypatch.setattr(tsn, "_capturing", lambda device: True)
+    with NoHostData():
+        captured_seen = step(grads_seen)  # the cached gradient table: the multi-tensor backward
+        assert not per_weight
+        captured_new = step(grads_new)  # gradients at new addresses: per-weight kernels
+    assert len(per_weight) == len(problems)
+    assert tsn._UPLOADS == uploads
+    assert tsn._CAPTURED_PLANS, "plans used during a capture are kept alive"
+    monkeypatch.setattr(tsn, "_capturing", lambda device: False)
+    eager_new = step(grads_new)
+    for a, b in zip(eager_seen, captured_seen):
+        assert torch.equal(a, b)
+    for a, b in zip(eager_new, captured_new):  # another backward kernel: fp32 / fp64 rounding apart
+        tol = TOL[a.dtype]
+        assert_close_report(b, a, atol=tol, rtol=tol, name="captured vs eager")
+
+
+def test_cuda_backend_mixed_dtypes_build_nothing_from_host_data():
+    """The cuda backend's mixed-dtype power iteration puts sigmas back in order on the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    if _cuda_reason is not None:
+        pytest.skip(_cuda_reason)
+    from sagan_fast.ops import cuda as cuda_backend
+
+    class NoHostData(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.lift_fresh.default:
+                raise AssertionError("a tensor from host data")
+            return func(*args, **(kwargs or {}))
+
+    dtypes = [torch.float64, torch.float32, torch.float64]
+    problems = [_random_problem(s, d, dt) for (s, d, _), dt in zip(WEIGHTS, dtypes)]
+    ws, us, vs = (list(x) for x in zip(*problems))
+    dims = [d for _, d, _ in WEIGHTS[:3]]
+    expected = [_reference_update(w, u, v, d, 1)[2] for w, u, v, d in zip(ws, us, vs, dims)]
+    with NoHostData():
+        sigmas = cuda_backend.power_iteration_(ws, us, vs, dims, 1, 1e-12)
+    assert sigmas.dtype == torch.float64
+    for s, e in zip(sigmas, expected):
+        assert_close_report(s, e, atol=0, rtol=2e-5, name="sigma")
+
+
+def _count_launches(monkeypatch) -> list[str]:
+    """Names of the Triton kernels launched from now on (interpreter)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    calls: list[str] = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        calls.append(self.__name__)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return calls
+
+
+@_triton_ok
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts launches in the interpreter")
+def test_launch_counts_of_a_fused_and_an_unfused_model(monkeypatch):
+    """Fused model: first training forward = power iteration (3 launches) + normalize (2), the
+    next forward 2, its backward 2, whatever the number of layers; unfused: 2 per layer each way."""
+    torch.manual_seed(12)
+    g, _ = _tiny_gan("triton")  # 3 SN layers
+    calls = _count_launches(monkeypatch)
+    z = torch.randn(2, 8)
+    g(z)
+    assert calls == ["_matvec_kernel", "_rmatvec_kernel", "_finalize_kernel", "_uwv_partials_multi_kernel",
+                     "_scale_multi_kernel"], calls
+    calls.clear()
+    g(z).sum().backward()
+    assert calls == ["_uwv_partials_multi_kernel", "_scale_multi_kernel", "_dot_partials_multi_kernel",
+                     "_normalize_backward_multi_kernel"], calls
+    calls.clear()
+    fuse_spectral_norms(g, normalize_all=False)
+    g(z).sum().backward()
+    assert sorted(calls) == sorted(["_uwv_partials_kernel", "_scale_kernel", "_dot_partials_kernel",
+                                    "_normalize_backward_kernel"] * 3), calls
+
+
+# --- autocast: W_sn in the autocast dtype, not cast again, every path agreeing with float64 -------
+
+class _SNLayers(nn.Module):
+    """A conv, a linear and an embedding with SN; forward: every normalized weight (as a model's
+    forward reads them)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.conv = SNConv2d(3, 8, 3, padding=1, backend=backend)
+        self.linear = SNLinear(24, 10, backend=backend)
+        self.embedding = SNEmbedding(7, 12, backend=backend)
+
+    def forward(self):
+        return [self.conv.weight, self.linear.weight, self.embedding.weight]
+
+
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_gets_w_sn_in_its_dtype_and_casts_nothing_again(backend, amp_dtype):
+    """Under autocast a conv's and a linear's W_sn come in the autocast dtype (an embedding's stays
+    fp32: embedding is no autocast op), so F.conv2d / F.linear cast no weight; the triton backend
+    writes it directly (no cast of a weight-shaped tensor at all), the others cast once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(13)
+    layers = _SNLayers(backend).train()
+    x, z, y = torch.randn(2, 3, 5, 5), torch.randn(4, 24), torch.tensor([1, 5])
+    weight_shapes = {(8, 3, 3, 3), (10, 24)}
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in weight_shapes:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    layers.conv(x), layers.linear(z)  # the first forward's power iteration, outside the count
+    with torch.autocast("cpu", dtype=amp_dtype):
+        w_sns = layers()
+        assert [w.dtype for w in w_sns] == [amp_dtype, amp_dtype, torch.float32]
+        with Casts() as casts:
+            outs = layers.conv(x), layers.linear(z), layers.embedding(y)
+    assert [o.dtype for o in outs] == [amp_dtype, amp_dtype, torch.float32]
+    assert casts.shapes == ([] if backend == "triton" else [(8, 3, 3, 3), (10, 24)]), casts.shapes
+    with torch.no_grad():
+        assert layers.conv.weight.dtype == torch.float32  # outside autocast nothing changes
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "per_layer", "compiled", "reference"])
+def test_autocast_paths_agree_with_float64(path, amp_dtype):
+    """Under autocast, the model-level normalize (fuse_spectral_norms), the per-layer path, the
+    compiled path (aot_eager) and the reference backend all give W_sn within one ulp of the
+    float64 W / sigma (ULP), and fp32 weight gradients within fp32 rounding of float64's for
+    the same 16-bit output gradient."""
+    if path != "reference" and _triton_reason is not None:
+        pytest.skip(_triton_reason)
+    torch.manual_seed(14)
+    model = _SNLayers("reference" if path == "reference" else "triton").train()
+    if path == "fused":
+        fuse_spectral_norms(model)
+    run = model
+    if path == "compiled":
+        torch._dynamo.reset()
+        run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        w_sns = run()
+    gen = torch.Generator().manual_seed(15)
+    grads = [torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype) for w in w_sns]
+    torch.autograd.backward(w_sns, grads)
+    for (sn, weight), w_sn, g in zip(spectral_norm_layers(model), w_sns, grads):
+        assert weight.grad.dtype == torch.float32
+        ref, ref_grad = _fp64_normalize(weight, sn._u, sn._v, sn.dim, g)
+        rtol = ULP[amp_dtype] + 2e-6 if w_sn.dtype == amp_dtype else TOL[torch.float32]
+        assert_close_report(w_sn, ref, atol=0, rtol=rtol, name=f"{tuple(weight.shape)} W_sn")
+        assert_close_report(weight.grad, ref_grad, atol=TOL[torch.float32], rtol=TOL[torch.float32],
+                            name=f"{tuple(weight.shape)} dW")
+    if path == "compiled":
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -434,9 +434,39 @@ def test_bench_timing_ends_normalized(tmp_path):
     bench = _bench()
     out = tmp_path / "timing.json"
     assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
-                       "--n-classes", "0", "--json", str(out)]) == 0
+                       "--n-classes", "0", "--dtypes", "fp32,amp-bf16", "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if "max_sigma_minus_1" in r]
-    assert len(rows) == 2 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)
+    assert len(rows) == 4 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)
+    assert {r["dtype"] for r in rows} == {"float32", "float32 W, autocast bfloat16"}
+
+
+def test_bench_traffic_counts_launches_and_table_uploads(tmp_path):
+    """--traffic (no GPU): the triton path's launches recorded per phase: a fused forward or
+    backward is 2 launches whatever the layer count, per layer 2 each, the power iteration 3;
+    the gradient table is uploaded once and then found for the same gradients; W_sn in bf16
+    halves its bytes."""
+    import json
+    bench = _bench()
+    out = tmp_path / "traffic.json"
+    assert bench.main(["--traffic", "--resolution", "32", "--ch", "4", "--n-classes", "0",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["config"], r["phase"]): r for r in report["rows"]}
+    layers = report["args"]["layers"]
+    for config in ("fp32", "fp32 W, bf16 W_sn (autocast)"):
+        def row(prefix):
+            return next(r for (c, p), r in rows.items() if c == config and p.startswith(prefix))
+        assert row("power iteration")["launches"] == 3 and row("power iteration")["W_passes"] == 2
+        fused_fwd, fused_bwd = row("normalize forward, model-level"), row("normalize backward, model-level")
+        assert (fused_fwd["launches"], fused_bwd["launches"]) == (2, 2)
+        assert (fused_fwd["W_passes"], fused_fwd["W_sn_or_G_passes"]) == (2, 1)
+        assert fused_bwd["table_uploads"] == 1
+        assert row("normalize backward, model-level (fuse_spectral_norms), same")["table_uploads"] == 0
+        assert row("normalize forward, per layer")["launches"] == 2 * layers
+        assert row("normalize backward, per layer")["launches"] == 2 * layers
+    weights = report["args"]["weights"]
+    amp = rows[("fp32 W, bf16 W_sn (autocast)", "normalize forward, model-level (fuse_spectral_norms)")]
+    assert abs(amp["MB"] - 10 * weights / 1e6) < 1e-6  # 2 fp32 reads + a bf16 write
 
 
 def test_a_weight_tied_into_two_layers_updates_both():
