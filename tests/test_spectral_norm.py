@@ -1060,3 +1060,90 @@ def test_gpu_sagan128_normalize_multi(dtype):
         ref.backward(grad)
         assert_close_report(out, ref, atol=rt * ref.abs().max().item(), rtol=rt, name=f"{shape} W_sn")
         assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt, name=f"{shape} dW")
+
+
+def _misaligned_on(t: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("placement", ["aligned", "misaligned"])
+def test_gpu_sagan128_autocast_output_and_misaligned_storage(placement):
+    """fp32 master weights, W_sn in bf16 (what autocast wants), model-level and per-layer, fwd +
+    bwd, at SAGAN-128 sizes; "misaligned": every weight 4 bytes off a 16-byte boundary, so only
+    the unhinted branches may run (a hint leaking into them would fault on a misaligned vector
+    load): both match float64 (W_sn to one bf16 ulp, dW to fp32 rounding)."""
+    from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
+    shapes = _sagan128_weight_shapes()
+    problems = [_random_problem(s, d, torch.float32, device="cuda") for s, d in shapes]
+    if placement == "misaligned":
+        problems = [(_misaligned_on(w), u, v) for w, u, v in problems]
+    dims = [d for _, d in shapes]
+    us, vs = [u for _, u, _ in problems], [v for _, _, v in problems]
+    for path in ("multi", "per_layer"):
+        ws = [w.detach().clone() if placement == "aligned" else _misaligned_on(w) for w, _, _ in problems]
+        for w in ws:
+            w.requires_grad_()
+        if path == "multi":
+            outs = spectral_norm_normalize_multi(ws, us, vs, dims, backend="triton",
+                                                 out_dtypes=[torch.bfloat16] * len(ws))
+        else:
+            outs = [spectral_norm_normalize(w, u, v, dim=d, backend="triton", out_dtype=torch.bfloat16)
+                    for w, u, v, d in zip(ws, us, vs, dims)]
+        grads = [torch.randn(o.shape, device="cuda", dtype=torch.float64).to(torch.bfloat16) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for (shape, dim), w, u, v, out, g in zip(shapes, ws, us, vs, outs, grads):
+            assert out.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+            ref, ref_grad = _fp64_normalize(w, u, v, dim, g)
+            assert_close_report(out, ref, atol=0, rtol=ULP[torch.bfloat16] + 2e-6,
+                                name=f"{path} {shape} W_sn")
+            assert_close_report(w.grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5,
+                                name=f"{path} {shape} dW")
+    u2, v2 = [u.clone() for u in us], [v.clone() for v in vs]
+    sigmas = spectral_norm_power_iteration_([w for w, _, _ in problems], u2, v2, dims, backend="triton")
+    for (shape, dim), (w, u, v), s in zip(shapes, problems, sigmas):
+        assert_close_report(s, _reference_update(w, u, v, dim, 1)[2], atol=0, rtol=1e-5,
+                            name=f"{shape} sigma")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_mixed_dtype_power_iteration_and_normalize_in_a_cuda_graph():
+    """fp32 and bf16 weights in one call, captured in a CUDA graph after an eager warm-up (plans
+    built then): capture needs no host copy, and every replay gives the eager results."""
+    from sagan_fast.ops.spectral_norm import spectral_norm_normalize_multi
+    shapes = _sagan128_weight_shapes()[:6]
+    dtypes = [torch.float32, torch.bfloat16] * 3
+    problems = [_random_problem(s, d, dt, device="cuda") for (s, d), dt in zip(shapes, dtypes)]
+    dims = [d for _, d in shapes]
+    ws = [w.clone().requires_grad_() for w, _, _ in problems]
+    us, vs = [u.clone() for _, u, _ in problems], [v.clone() for _, _, v in problems]
+    grads = [torch.randn_like(w) for w in ws]
+
+    def step():
+        for x, (_, u0, v0), y in zip(us, problems, vs):
+            x.copy_(u0)
+            y.copy_(v0)
+        sigmas = spectral_norm_power_iteration_([w.detach() for w in ws], us, vs, dims, backend="triton")
+        outs = spectral_norm_normalize_multi(ws, us, vs, dims, backend="triton")
+        d_ws = torch.autograd.grad(outs, ws, grads)
+        return [sigmas, *[o.detach() for o in outs], *d_ws]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = [t.clone() for t in step()]
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(eager, static):
+            assert_close_report(b, a, atol=1e-6, rtol=1e-5, name="replay vs eager")
