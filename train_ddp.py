@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in OUTPUT_ERRNOS:
             raise
-        return error(f"cannot write {err.filename or cfg.run.out} ({err.strerror}); make room (or fix the "
-                     "permissions) and run the same command to continue from the newest checkpoint")
+        return error(f"{err.filename or cfg.run.out}: {err.strerror} (a full disk, a quota, permissions?); "
+                     "fix that and run the same command to continue from the newest checkpoint")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         if is_main:
             newest = newest_checkpoint(cfg.run.out)
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.stopped_by is not None:
         if is_main:
             print(f"{PROG}: stopped by {signal_name(result.stopped_by)} after step {result.step}, saved "
-                  f"{result.last_checkpoint}; to continue: {continue_command(argv)}", file=sys.stderr, flush=True)
+                  f"{result.last_checkpoint}; to continue: {continue_command(argv)}", file=sys.stderr,
+                  flush=True)
         return 128 + result.stopped_by
     if is_main:
         print(done_line(result), flush=True)

@@ -98,7 +98,7 @@ def test_corrupt_image_is_skipped_and_counted(image_folder):
 def test_all_corrupt_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     ds = ImageFolderDataset(tmp_path, resolution=8)
-    with pytest.raises(DataError, match="none of its 1 images can be read \\(e.g. x.png: UnidentifiedImageError"):
+    with pytest.raises(DataError, match=r"none of its 1 images can be read \(e.g. x.png: UnidentifiedImage"):
         ds[0]
 
 

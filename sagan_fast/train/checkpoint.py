@@ -183,29 +183,37 @@ class UnreadableCheckpoint(ConfigError):
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """:func:`load_checkpoint`, any problem with the file's contents an :class:`UnreadableCheckpoint`
-    (an OSError reading it stays one: that is the file system's problem, not the file's)."""
-    if path.is_file() and path.stat().st_size == 0:
+    (an OSError opening it stays one: that is the file system's problem, not the file's)."""
+    with open(path, "rb"):
+        pass
+    if path.stat().st_size == 0:
         raise UnreadableCheckpoint(path, "an empty file (0 bytes)")
     try:
         saved = load_checkpoint(path)
-    except OSError:
-        raise
-    except Exception as err:  # noqa: BLE001 (the file is foreign input: whatever its parser raises)
-        raise UnreadableCheckpoint(path, _why_unreadable(err)) from None
+    except Exception as err:  # noqa: BLE001 (foreign input: whatever its parser raises, even EINVAL)
+        raise UnreadableCheckpoint(path, _why_unreadable(path, err)) from None
     missing = [k for k in _KEYS if k not in saved]
     if missing:
         raise UnreadableCheckpoint(path, f"not a complete sagan_fast training checkpoint (no {missing})")
     return saved
 
 
-def _why_unreadable(err: Exception) -> str:
+def _why_unreadable(path: Path, err: Exception) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:  # torch.save writes a zip archive: its end record closes the file
+        head = f.read(4)
+        f.seek(max(0, size - 65_558))
+        tail = f.read()
+    if head == b"PK\x03\x04" and b"PK\x05\x06" not in tail:
+        return f"truncated ({size} bytes: the zip archive torch.save writes has no end record)"
     text = str(err)
     if "Weights only load failed" in text:
         return "holds objects other than tensors and plain values (refused by torch.load(weights_only=True))"
     if "not a sagan_fast training checkpoint" in text:
         return f"not a sagan_fast training checkpoint (format {CHECKPOINT_FORMAT})"
     first = (text.split(". This is an internal")[0].splitlines() or [""])[0][:160]
-    kind = "truncated or damaged" if isinstance(err, (RuntimeError, EOFError)) else "not a checkpoint"
+    damaged = isinstance(err, (RuntimeError, EOFError, OSError))
+    kind = "truncated or damaged" if damaged else "not a checkpoint"
     return f"{kind} ({type(err).__name__}{': ' + first if first else ''})"
 
 
@@ -311,9 +319,9 @@ def read_named_checkpoint(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume {path}: no such file")
     if path.is_dir():
         newest = newest_checkpoint(path) or (list_checkpoints(path) or [None])[-1]
+        run_folder = newest is not None and newest.parent == path / CHECKPOINT_DIR
         hint = (f"; its newest checkpoint is {newest}, and --out {path} continues that run from it"
-                if newest is not None and newest.parent.name == CHECKPOINT_DIR and newest.parent.parent == path
-                else f"; e.g. {newest}" if newest is not None else "")
+                if run_folder else f"; e.g. {newest}" if newest is not None else "")
         raise ConfigError(f"--resume {path}: a folder, not a checkpoint file{hint}")
     try:
         return read_checkpoint(path)
@@ -358,9 +366,10 @@ def _write_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, r
         if err.errno not in OUTPUT_ERRNOS:
             raise
         newest = newest_checkpoint(cfg.run.out)
+        then = (f"the newest complete one, {newest}, is kept: make room and run the same command to continue "
+                "from it" if newest else "there is no earlier one: make room and run the same command again")
         raise OutputError(f"cannot write the checkpoint of step {s.step} to {err.filename or folder} "
-                          f"({err.strerror}); the newest complete one is {newest or 'none (none written yet)'}; "
-                          "make room and run the same command to continue from it") from None
+                          f"({err.strerror}); {then}") from None
 
 
 
@@ -384,12 +393,14 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
     except KeyError:
         raise ConfigError(f"cannot resume from {path}: its G is not a sagan_fast Generator") from None
     if channels != state.batches.channels:
-        raise ConfigError(f"cannot resume from {path}: it was trained on {channels}-channel images, the data "
-                          f"{cfg.data.data!r} has {state.batches.channels}-channel images (use another --out)")
+        raise ConfigError(f"cannot resume from {path}: it was trained on {channels}-channel images, the "
+                          f"data {cfg.data.data!r} has {state.batches.channels}-channel images (use another "
+                          "--out)")
     try:
         before = TrainConfig.from_dict(saved["config"])
     except (ConfigError, TypeError) as err:
-        raise ConfigError(f"cannot resume from {path}: its config does not fit this version ({err})") from None
+        raise ConfigError(f"cannot resume from {path}: its config does not fit this version ({err})") \
+            from None
     try:
         state.G.load_state_dict(saved["G"])
         state.D.load_state_dict(saved["D"])
@@ -431,7 +442,8 @@ def _resume_notes(before: TrainConfig, now: TrainConfig, world_before: int, worl
     if changed:
         notes.append("resume: settings changed since the checkpoint, the new values apply: " + ", ".join(
             f"--{name.replace('_', '-')} {old} -> {new}" for name, old, new in changed))
-    inexact = [f"--{name.replace('_', '-')} changed" for name, _, _ in changed if name in ("data", "batch_size")]
+    inexact = [f"--{name.replace('_', '-')} changed" for name, _, _ in changed
+               if name in ("data", "batch_size")]
     if world_before != world_now:
         inexact.append(f"{world_before} process(es) then, {world_now} now (RNG states reseeded)")
     if inexact:

@@ -38,7 +38,8 @@ class DataConfig:
     batch_size: int = 32
     """Images per process per step (the global batch is this times the number of processes)."""
     workers: int | None = None
-    """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder."""
+    """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder (at
+    most the CPU cores this process may use)."""
     flip: bool | None = None
     """Random horizontal flips; default: on for an image folder, off for digits (a mirrored digit
     is not a digit)."""

@@ -10,10 +10,9 @@ files were passed over to produce this item (the files after it, in order: see
 :meth:`ImageFolderDataset.skipped_files`). DataLoader workers see the same file list, so they say
 nothing about a bad file: :class:`BatchSource`, in the training process, names each one once (the
 loop logs it and counts it once per file, however many workers and epochs meet it). A resumable
-sharded sampler orders them. Random flips are
-not done per item but on the batch on the device (:func:`random_flip`, one implementation for all
-three), from the seeded global generator, so augmentation is part of the RNG state a checkpoint
-restores.
+sharded sampler orders them. Random flips are not done per item but on the batch on the device
+(:func:`random_flip`, one implementation for all three), from the seeded global generator, so
+augmentation is part of the RNG state a checkpoint restores.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import json
 import math
 import os
 import signal
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -211,7 +211,8 @@ class PreparedDataset(Dataset):
         try:
             len(self)
         except (OSError, ValueError) as err:  # e.g. "mmap length is greater than file size": truncated
-            raise DataError(f"{self.root}: {IMAGES_FILE} cannot be read ({err}); prepare the folder again") from None
+            raise DataError(f"{self.root}: {IMAGES_FILE} cannot be read ({err}); prepare the folder "
+                            "again") from None
         if len(self) != self.index["count"]:
             raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
                             f"{self.index['count']} (a damaged copy?)")
@@ -353,10 +354,26 @@ def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int,
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker start: SIGINT and SIGTERM are for the training process (stop.py), which
-    ends its workers itself. torchrun signals a worker's whole process group, workers included; a
-    worker that died of it (or left its loop on KeyboardInterrupt) would fail the batch in flight."""
+    ends its workers itself. A Ctrl-C reaches the whole foreground process group, torchrun signals
+    each worker's process group, SLURM every process: a worker that died of it (or left its loop on
+    KeyboardInterrupt) would fail the batch in flight, before the step could be saved.
+
+    SIGINT is ignored. SIGTERM from the parent (the loader ending a worker, multiprocessing at exit)
+    still ends the worker as torch's own handler does (exit 0); from anyone else it is ignored. The
+    sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked elsewhere (Linux; where
+    there is no sigwaitinfo, SIGTERM keeps torch's handling).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def infinite_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchSampler
@@ -392,6 +409,10 @@ def to_training_batch(images: torch.Tensor, device: torch.device | str | None = 
     return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class BatchSource:
     """This rank's training batches, forever: ``next(batches)`` is ``(images, labels or None)`` on
     the device, images float32 (B, C, R, R) in [-1, 1], mirrored at random when flips are on.
@@ -415,7 +436,7 @@ class BatchSource:
             raise ConfigError(f"--image-channels {model.image_channels}: the data {data.data!r} has "
                               f"{self.dataset.channels}-channel images")
         is_digits = data.data == "digits"
-        workers = data.workers if data.workers is not None else (0 if is_digits else 4)
+        workers = data.workers if data.workers is not None else (0 if is_digits else min(4, _cores()))
         self.sampler = ShardedBatchSampler(len(self.dataset), data.batch_size, info.rank, info.world_size,
                                            seed=cfg.run.seed)
         self.loader = make_loader(self.dataset, self.sampler, workers=workers,
@@ -434,8 +455,8 @@ class BatchSource:
         kind = ("digits" if isinstance(ds, DigitsDataset) else
                 f"prepared folder {ds.root}" if self._prepared else f"folder {ds.root}")
         plural = "s" if self.channels != 1 else ""
-        return f"{kind} ({len(ds)} images, {self.channels} channel{plural}, {self.sampler.batches_per_epoch} " \
-               "batches per epoch per process)"
+        return (f"{kind} ({len(ds)} images, {self.channels} channel{plural}, "
+                f"{self.sampler.batches_per_epoch} batches per epoch per process)")
 
     def __iter__(self) -> "BatchSource":
         return self

@@ -1,10 +1,10 @@
 """What a training run reports as one line instead of a traceback, and how ranks agree on it.
 
 A *user error* (:data:`USER_ERRORS`) is a mistake in the flags, the data, the run folder or a
-checkpoint, a full disk, or a run that diverged: ``train_ddp.py`` prints it as ``train_ddp.py: error: ...`` and
-exits 2. Under DDP a check that may fail on some ranks only runs through :func:`together`, so every
-rank stops at the same point: the rank that found the problem (the lowest one) reports it, the
-others raise :class:`OtherRankFailed`, which prints nothing.
+checkpoint, a full disk, or a run that diverged: ``train_ddp.py`` prints it as
+``train_ddp.py: error: ...`` and exits 2. Under DDP a check that may fail on some ranks only runs
+through :func:`together`, so every rank stops at the same point: the rank that found the problem (the
+lowest one) reports it, the others raise :class:`OtherRankFailed`, which prints nothing.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     info = info or DistInfo()
     out = Path(cfg.run.out)
     configure_torch(cfg.run, info.device)
+    batches = together(info, BatchSource, cfg, info)  # before the run folder: a bad --data leaves no folder
     with RunFolder(out, info):  # created, writable, locked: refuses a folder another run trains in
-        batches = together(info, BatchSource, cfg, info)
         state = build_state(cfg, info, batches)
         # Wrap before loading a checkpoint: DDP's initial parameter broadcast writes the weights, and
         # SN's "u, v are up to date" marks (restored by the load) must come after every such write.
@@ -213,14 +213,13 @@ def log_step(cfg: TrainConfig, state: TrainState, meter: ScalarMeter, gan_step: 
             if path not in state.unreadable_images:
                 state.unreadable_images.add(path)
                 new_files.append((path, why))
+    for n, (path, why) in enumerate(new_files, start=state.skipped_images + 1):
+        logger.message(f"warning: skipped unreadable image {path} ({why}); {n} skipped so far", warning=True)
     state.skipped_images += len(new_files)
     scalars["skipped_images"] = float(state.skipped_images)
     if info.is_main:
         scalars.update(model_scalars(state.G, state.D))
     logger.log(state.step, scalars)
-    for path, why in new_files:
-        logger.message(f"warning: skipped unreadable image {path} ({why}); "
-                       f"{state.skipped_images} skipped so far", warning=True)
     check_health(cfg, state, scalars, gan_step, info)
     return scalars["images_per_s"]
 
@@ -249,8 +248,8 @@ def _raise_if_diverged(cfg: TrainConfig, step: int, scalars: dict[str, float], g
             problem = str(err).split(" (the weight")[0]
     if problem is not None:
         newest = ckpt.newest_checkpoint(cfg.run.out)
-        then = (f"the last checkpoint, {newest}, is kept: lower --lr-g / --lr-d (or raise --max-loss) and run "
-                "again to continue from it" if newest else
+        then = (f"the last checkpoint, {newest}, is kept: lower --lr-g / --lr-d (or raise --max-loss) and "
+                "run again to continue from it" if newest else
                 "no checkpoint was written: lower --lr-g / --lr-d (or raise --max-loss) and start again")
         raise Diverged(f"step {step}: the run diverged: {problem}; {then}")
 
