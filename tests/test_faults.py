@@ -187,9 +187,10 @@ def test_a_second_ctrl_c_aborts_the_step_at_once(tmp_path):
         while "starting at step 0" not in out_file.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()
             time.sleep(0.05)
-        time.sleep(0.3)
+        time.sleep(0.2)  # the handlers are in place a moment after the banner
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(0.1)
+        assert proc.poll() is None, "the first Ctrl-C ended the run: it must let the step finish"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
@@ -277,33 +278,37 @@ def _dead_pid() -> int:
 
 def test_unreadable_checkpoints_are_set_aside_and_the_newest_good_one_resumes(tmp_path, capfd):
     out = tmp_path / "run"
-    train(parse_config(tiny(out, "--steps", 3, "--ckpt-every", 1, "--keep-ckpts", 3)))
+    train(parse_config(tiny(out, "--steps", 4, "--ckpt-every", 1, "--keep-ckpts", 4)))
     folder = out / "checkpoints"
-    third, second = folder / "step_00000003.pt", folder / "step_00000002.pt"
-    third.write_bytes(third.read_bytes()[:5000])  # a copy cut short
-    second.write_bytes(b"")  # a full disk elsewhere
+    fourth, third, second = (folder / f"step_0000000{i}.pt" for i in (4, 3, 2))
+    fourth.write_bytes(fourth.read_bytes()[:5000])  # a copy cut short
+    third.write_bytes(b"")  # a full disk elsewhere
+    torch.save({"format": 1, "step": 2}, second)  # someone else's file under our name
     dead = _dead_pid()
-    stale = [folder / f".step_00000004.pt.tmp{dead}", out / "samples" / f".step_00000004.png.tmp{dead}"]
+    stale = [folder / f".step_00000005.pt.tmp{dead}", out / "samples" / f".step_00000005.png.tmp{dead}"]
     for p in stale:
         p.write_bytes(b"x" * 1000)
     own = folder / f".step_00000009.pt.tmp{os.getpid()}"  # this process's own: never touched
     own.write_bytes(b"")
     capfd.readouterr()
-    result = train(parse_config(tiny(out, "--steps", 4, "--ckpt-every", 1, "--keep-ckpts", 3)))
+    result = train(parse_config(tiny(out, "--steps", 5, "--ckpt-every", 1, "--keep-ckpts", 4)))
     captured = capfd.readouterr()
-    assert result.resumed_from == folder / "step_00000001.pt" and result.step == 4
-    warnings = [line for line in lines(captured.err) if line.startswith("warning:")]
-    assert warnings == [
-        f"warning: checkpoint {third} is unreadable: truncated (5000 bytes: the zip archive torch.save "
-        "writes has no end record); renamed to step_00000003.pt.corrupt, trying the one before",
-        f"warning: checkpoint {second} is unreadable: an empty file (0 bytes); renamed to "
-        "step_00000002.pt.corrupt, trying the one before"]
-    assert (folder / "step_00000003.pt.corrupt").stat().st_size == 5000
-    assert (folder / "step_00000002.pt.corrupt").stat().st_size == 0
+    assert result.resumed_from == folder / "step_00000001.pt" and result.step == 5
+    then = "trying the one before"
+    assert [line for line in lines(captured.err) if line.startswith("warning:")] == [
+        f"warning: checkpoint {fourth} is unreadable: truncated (5000 bytes: the zip archive torch.save "
+        f"writes has no end record); renamed to step_00000004.pt.corrupt, {then}",
+        f"warning: checkpoint {third} is unreadable: an empty file (0 bytes); renamed to "
+        f"step_00000003.pt.corrupt, {then}",
+        f"warning: checkpoint {second} is unreadable: not a complete sagan_fast training checkpoint (no "
+        f"['config', 'G', 'D', 'G_ema', 'opt_G', 'opt_D', 'sn', 'sampler', 'rng', 'skipped_images']); "
+        f"renamed to step_00000002.pt.corrupt, {then}"]
+    assert (folder / "step_00000004.pt.corrupt").stat().st_size == 5000  # kept as it was
+    assert (folder / "step_00000003.pt.corrupt").stat().st_size == 0
+    assert torch.load(folder / "step_00000002.pt.corrupt", weights_only=True) == {"format": 1, "step": 2}
     assert not any(p.exists() for p in stale) and own.exists()
     assert f"removed 2 temporary file(s) of interrupted writes in {out}" in captured.out
-    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step_00000002.pt", "step_00000003.pt",
-                                                                "step_00000004.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == [f"step_0000000{i}.pt" for i in (2, 3, 4, 5)]
     own.unlink()
 
 
