@@ -1,5 +1,5 @@
 """DDP under torchrun on the CPU (gloo): ranks stay equal, and a killed worker resumes from the last
-checkpoint under --max-restarts."""
+checkpoint under --max-restarts (tests/test_faults.py: SIGTERM under torchrun)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ def test_two_process_gloo_run_keeps_ranks_equal_and_restarts_a_killed_worker(tmp
     out, marker = tmp_path / "run", tmp_path / "crashed_once"
     # train_ddp.py, but rank 0 SIGKILLs itself right after writing the checkpoint of step 2, once;
     # torchrun restarts both workers, which resume from step 2 and finish step 3. Exactly one restart
-    # allowed: the restarted workers must find each other (see distributed._per_attempt_store).
-    crash_once = [str(REPO / "tests" / "train_crash_once.py"), "2", str(marker)]
+    # allowed: the restarted workers must find each other (see distributed._per_attempt_store), and the
+    # new rank 0 must get the run folder's lock again (--workers 1: the killed one had DataLoader
+    # worker processes, which torchrun's SIGTERM to the survivors reaches too).
+    crash_once = [str(REPO / "tests" / "train_crash_once.py"), "2", str(marker), "--workers", "1"]
     proc = _torchrun(out, crash_once, "--max-restarts=1")
     log = proc.stdout + proc.stderr
     assert marker.exists(), "the crash hook never fired"

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..models.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,11 +38,17 @@ class DistInfo:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK or the CPU, per --device; a ConfigError where the GPU asked for is not there."""
     if preference == "cpu":
         return torch.device("cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+        why = "finds no GPU" if torch.backends.cuda.is_built() else "was built without CUDA"
+        raise ConfigError(f"--device cuda: CUDA is not available (this PyTorch {torch.__version__} {why}); "
+                          "use --device cpu")
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} of this machine has no GPU ({torch.cuda.device_count()} "
+                              "visible): start at most that many processes per machine (--nproc_per_node)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
