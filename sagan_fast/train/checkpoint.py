@@ -384,8 +384,9 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
     processes also gets a note that the continuation is not bit-exact.
     """
     saved = read_checkpoint(path) if saved is None else saved
+    # The kernels that run (sn_backend, attention_backend) may change: same math, another speed.
     diff = {k: (saved["config"]["model"].get(k), v) for k, v in cfg.to_dict()["model"].items()
-            if saved["config"]["model"].get(k) != v}
+            if saved["config"]["model"].get(k) != v and k not in _KERNEL_CHOICES}
     if diff:
         raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
     try:
@@ -428,7 +429,9 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
 
 
 # Settings that change what a run computes (the others: how long, where, how often it logs or saves).
-_RESULT_SETTINGS = {"data": ("data", "batch_size", "flip"), "optim": None, "run": ("seed", "sync_bn")}
+_RESULT_SETTINGS = {"data": ("data", "batch_size", "flip"), "optim": None, "run": ("seed", "sync_bn"),
+                    "model": ("sn_backend", "attention_backend")}
+_KERNEL_CHOICES = _RESULT_SETTINGS["model"]
 
 
 def _resume_notes(before: TrainConfig, now: TrainConfig, world_before: int, world_now: int) -> list[str]:

@@ -28,7 +28,8 @@ from . import checkpoint as ckpt
 from .checkpoint import Resumed, TrainState
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import BatchSource
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_buffers_once, wrap_ddp
+from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, share_kernel_tuning,
+                          wrap_ddp)
 from .ema import EMA
 from .errors import Diverged, together
 from .logging import RunLogger, ScalarMeter
@@ -93,6 +94,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                     stats = gan_step(batches.take(cfg.optim.d_steps))
                     state.step += 1
                     step = state.step
+                    if step == result.start_step + 1:
+                        share_kernel_tuning(info)  # the first step tuned the kernels on each rank
                     state.ema.update(step)
                     meter.add(stats)
                     logger.advance()
