@@ -240,10 +240,10 @@ def test_resume_refuses_a_different_model_or_a_missing_or_clobbered_checkpoint(s
     with pytest.raises(ConfigError, match="model settings differ.*'ch': \\(4, 8\\)"):
         train(cfg)
     fresh = tiny_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         train(dataclasses.replace(fresh, run=dataclasses.replace(fresh.run, resume="latest")))
     never = tiny_config(straight_out)
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(dataclasses.replace(never, run=dataclasses.replace(never.run, resume="never")))
 
 
@@ -356,7 +356,8 @@ def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tm
     for key in ("loss_d", "loss_g", "d_real", "d_fake"):
         assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged, expected)
     new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
-    assert _key_tree(new) == _key_tree(old)
+    # The same layout; keys added since (absent in old files, which load without them) listed here.
+    assert _key_tree({k: v for k, v in new.items() if k not in ("unreadable_images",)}) == _key_tree(old)
     # The config holds --bf16's successor, precision; the old one converts to it.
     assert "bf16" in old["config"]["optim"] and TrainConfig.from_dict(new["config"]) == cfg == \
         dataclasses.replace(TrainConfig.from_dict(old["config"]), run=cfg.run)

@@ -9,9 +9,11 @@ In Python::
 
 Modules: ``config`` (flags from typed fields), ``step`` (:class:`GANStep`: one D/G iteration, fast
 or plain), ``data`` (:class:`~sagan_fast.train.data.BatchSource`: digits, an image folder or a
-prepared one), ``checkpoint`` (save, resume, RNG state), ``observe`` (sample grids, gammas, SN
-sigmas), ``logging``, ``distributed``, ``ema``, ``losses``, ``loop`` (:func:`train`), and
-``prepared_data`` (``python -m sagan_fast.train.prepared_data``: prepare an image folder once).
+prepared one), ``checkpoint`` (save, resume, unreadable files set aside, RNG state), ``observe``
+(sample grids, gammas, SN sigmas), ``logging``, ``distributed``, ``ema``, ``losses``, ``loop``
+(:func:`train`), ``runfolder`` (the run folder's lock), ``stop`` (SIGINT/SIGTERM: save and stop),
+``errors`` (the one-line user errors, agreed across ranks), and ``prepared_data``
+(``python -m sagan_fast.train.prepared_data``: prepare an image folder once).
 """
 
 from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,

@@ -38,7 +38,8 @@ class DataConfig:
     batch_size: int = 32
     """Images per process per step (the global batch is this times the number of processes)."""
     workers: int | None = None
-    """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder."""
+    """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder (at
+    most the CPU cores this process may use)."""
     flip: bool | None = None
     """Random horizontal flips; default: on for an image folder, off for digits (a mirrored digit
     is not a digit)."""
@@ -133,6 +134,11 @@ class RunConfig:
     """Show a tqdm progress bar (rank 0 only)."""
     dump_rank_state: bool = False
     """Debug: every rank writes its final G/D state dicts to rank_state/rank<R>.pt (to compare ranks)."""
+    max_loss: float = 1e4
+    """Divergence guard: stop the run (exit 2, keeping the last checkpoint, which was written before)
+    when loss_d or loss_g, averaged since the last check, exceeds this in magnitude or is not
+    finite, or a spectral norm degenerates. Checked at log and checkpoint steps, where the losses
+    are read anyway. 'inf' checks finiteness only."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -143,6 +149,7 @@ class RunConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "device",
                f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         _check(bool(self.resume), "resume", "must be 'auto', 'latest', 'never' or a checkpoint path")
+        _check(self.max_loss > 0, "max_loss", f"must be > 0, got {self.max_loss}")
 
 
 @dataclass

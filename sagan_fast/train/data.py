@@ -6,11 +6,13 @@ array (:mod:`sagan_fast.train.prepared_data` writes it; :class:`PreparedDataset`
 
 Datasets return ``(image, label, skipped)``: image (C, R, R) float32 in [-1, 1] (a prepared one:
 uint8 (R, R, C), scaled on the device), label an int (0 for a folder), skipped how many unreadable
-files were passed over to produce this item (summed per batch and logged by the loop, so the count
-survives DataLoader worker processes). A resumable sharded sampler orders them. Random flips are
-not done per item but on the batch on the device (:func:`random_flip`, one implementation for all
-three), from the seeded global generator, so augmentation is part of the RNG state a checkpoint
-restores.
+files were passed over to produce this item (the files after it, in order: see
+:meth:`ImageFolderDataset.skipped_files`). DataLoader workers see the same file list, so they say
+nothing about a bad file: :class:`BatchSource`, in the training process, names each one once (the
+loop logs it and counts it once per file, however many workers and epochs meet it). A resumable
+sharded sampler orders them. Random flips are not done per item but on the batch on the device
+(:func:`random_flip`, one implementation for all three), from the seeded global generator, so
+augmentation is part of the RNG state a checkpoint restores.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,16 +35,13 @@ from torch.utils.data import Dataset, Sampler
 
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo
+from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # A prepared folder (see sagan_fast.train.prepared_data): DST/images.npy + DST/index.json.
 PREPARED_FORMAT = "sagan_fast.prepared_images/1"
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.json"
-
-
-class DataError(ValueError):
-    """The data source is missing, empty or entirely unreadable."""
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -98,25 +99,42 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+def unreadable_errors() -> tuple[type[Exception], ...]:
+    """What Pillow raises for a file that is not a readable image: truncated, corrupt, unknown format,
+    or too large to decode safely (DecompressionBombError: over 2 x Image.MAX_IMAGE_PIXELS pixels)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class ImageFolderDataset(Dataset):
     """Every image under a folder: RGB, centre square crop, resized to ``resolution``, in [-1, 1].
 
-    An unreadable file is skipped (the next file is used) and counted in the item's ``skipped``;
-    a warning names it once per process.
+    An unreadable file is skipped (the next file is used) and counted in the item's ``skipped``
+    (:meth:`skipped_files` says which; :meth:`why_unreadable` why). Nothing is printed here: this
+    runs in each DataLoader worker.
     """
 
     n_classes = 0
     channels = 3
 
     def __init__(self, root: str | os.PathLike, resolution: int) -> None:
+        self.root = Path(root)
         self.files = find_images(root)
         self.resolution = resolution
-        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            # Large images (DecompressionBombWarning, up to twice the limit) are read and scaled down.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return self._load(index)
+
+    def _load(self, index: int) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(self.files[index]) as img:
@@ -131,15 +149,29 @@ class ImageFolderDataset(Dataset):
         return x.div_(127.5).sub_(1.0)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        errors = unreadable_errors()
         for skipped in range(len(self.files)):
-            i = (index + skipped) % len(self.files)
             try:
-                return self.load(i), 0, skipped
-            except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for truncated/corrupt files
-                if i not in self._warned:
-                    self._warned.add(i)
-                    warnings.warn(f"skipping unreadable image {self.files[i]}: {err}", stacklevel=2)
-        raise DataError(f"none of the {len(self.files)} images under the data folder could be read")
+                return self.load((index + skipped) % len(self.files)), 0, skipped
+            except errors:
+                pass
+        raise DataError(self.none_readable())
+
+    def skipped_files(self, index: int, skipped: int) -> list[int]:
+        """The files item ``index`` passed over: the ``skipped`` ones from ``index`` on, wrapping."""
+        return [(index + k) % len(self.files) for k in range(skipped)]
+
+    def why_unreadable(self, index: int) -> str:
+        """The error reading file ``index`` gives (reads it again: for messages, once per bad file)."""
+        try:
+            self.load(index)
+        except unreadable_errors() as err:
+            return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        return "read fine on a second try"
+
+    def none_readable(self) -> str:
+        return (f"--data {str(self.root)!r}: none of its {len(self.files)} images can be read (e.g. "
+                f"{self.files[0].name}: {self.why_unreadable(0)})")
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -176,6 +208,11 @@ class PreparedDataset(Dataset):
                             "prepare it again at this resolution")
         self.resolution, self.channels = int(self.index["resolution"]), int(self.index["channels"])
         self._images: np.ndarray | None = None  # opened lazily: per process (DataLoader workers)
+        try:
+            len(self)
+        except (OSError, ValueError) as err:  # e.g. "mmap length is greater than file size": truncated
+            raise DataError(f"{self.root}: {IMAGES_FILE} cannot be read ({err}); prepare the folder "
+                            "again") from None
         if len(self) != self.index["count"]:
             raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
                             f"{self.index['count']} (a damaged copy?)")
@@ -245,8 +282,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
             raise DataError(f"{n_items} images give {self.per_rank} per process: fewer than one batch of "
                             f"{batch_size} (lower --batch-size or use fewer processes)")
         self.position = SamplerPosition()
+        self._cached_epoch: tuple[int, list[int]] | None = None
 
     def _epoch_indices(self, epoch: int) -> list[int]:
+        if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+            return self._cached_epoch[1]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.n_items, generator=g).tolist()
@@ -254,7 +294,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
             order = list(range(self.n_items))
         total = self.per_rank * self.world_size
         order = (order * math.ceil(total / len(order)))[:total]  # pad by wrapping, as DistributedSampler
-        return order[self.rank:total:self.world_size]
+        self._cached_epoch = (epoch, order[self.rank:total:self.world_size])
+        return self._cached_epoch[1]
+
+    def batch_indices(self, position: SamplerPosition) -> list[int]:
+        """The dataset indices of the batch at ``position`` (the one the next ``advance`` consumes)."""
+        b = position.batch
+        return self._epoch_indices(position.epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.position.batch
@@ -273,8 +319,18 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.position.epoch, "batch": self.position.batch}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = SamplerPosition(int(state["epoch"]), int(state["batch"]))
+    def load_state_dict(self, state: dict[str, int], batch_size: int | None = None,
+                        world_size: int | None = None) -> None:
+        """Continue from ``state``; ``batch_size``, ``world_size``: those it was saved with, if they
+        differ from this sampler's: the position then becomes the same fraction of the epoch."""
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        batch_size, world_size = batch_size or self.batch_size, world_size or self.world_size
+        if (batch_size, world_size) != (self.batch_size, self.world_size):
+            before = math.ceil(self.n_items / world_size) // batch_size
+            batch = batch * self.batches_per_epoch // max(before, 1)
+        if batch >= self.batches_per_epoch:  # saved with more data than there is now
+            epoch, batch = epoch + 1, 0
+        self.position = SamplerPosition(epoch, batch)
 
 
 def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int, pin_memory: bool,
@@ -289,10 +345,35 @@ def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int,
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
         collate_fn=collate_prepared if prepared else None,  # PreparedDataset gathers whole batches
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         persistent_workers=workers > 0,
         # uint8 batches are small: a deeper queue evens out page-cache misses of the memory map.
         prefetch_factor=(4 if prepared else 2) if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: SIGINT and SIGTERM are for the training process (stop.py), which
+    ends its workers itself. A Ctrl-C reaches the whole foreground process group, torchrun signals
+    each worker's process group, SLURM every process: a worker that died of it (or left its loop on
+    KeyboardInterrupt) would fail the batch in flight, before the step could be saved.
+
+    SIGINT is ignored. SIGTERM from the parent (the loader ending a worker, multiprocessing at exit)
+    still ends the worker as torch's own handler does (exit 0); from anyone else it is ignored. The
+    sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked elsewhere (Linux; where
+    there is no sigwaitinfo, SIGTERM keeps torch's handling).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def infinite_batches(loader: torch.utils.data.DataLoader, sampler: ShardedBatchSampler
@@ -328,6 +409,10 @@ def to_training_batch(images: torch.Tensor, device: torch.device | str | None = 
     return (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class BatchSource:
     """This rank's training batches, forever: ``next(batches)`` is ``(images, labels or None)`` on
     the device, images float32 (B, C, R, R) in [-1, 1], mirrored at random when flips are on.
@@ -351,7 +436,7 @@ class BatchSource:
             raise ConfigError(f"--image-channels {model.image_channels}: the data {data.data!r} has "
                               f"{self.dataset.channels}-channel images")
         is_digits = data.data == "digits"
-        workers = data.workers if data.workers is not None else (0 if is_digits else 4)
+        workers = data.workers if data.workers is not None else (0 if is_digits else min(4, _cores()))
         self.sampler = ShardedBatchSampler(len(self.dataset), data.batch_size, info.rank, info.world_size,
                                            seed=cfg.run.seed)
         self.loader = make_loader(self.dataset, self.sampler, workers=workers,
@@ -361,7 +446,17 @@ class BatchSource:
         self.device, self.labels = info.device, n_classes > 0
         self._prepared = isinstance(self.dataset, PreparedDataset)
         self._batches: Iterator | None = None
-        self._skipped: list[torch.Tensor] = []  # per batch; summed when asked (no sync per step)
+        self._seen_unreadable: set[int] = set()
+        self._new_unreadable: list[tuple[str, str]] = []
+
+    def describe(self) -> str:
+        """E.g. "digits (1797 images, 1 channel)", "folder /data/x (202599 images, 3 channels)"."""
+        ds = self.dataset
+        kind = ("digits" if isinstance(ds, DigitsDataset) else
+                f"prepared folder {ds.root}" if self._prepared else f"folder {ds.root}")
+        plural = "s" if self.channels != 1 else ""
+        return (f"{kind} ({len(ds)} images, {self.channels} channel{plural}, "
+                f"{self.sampler.batches_per_epoch} batches per epoch per process)")
 
     def __iter__(self) -> "BatchSource":
         return self
@@ -369,8 +464,13 @@ class BatchSource:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._batches is None:  # at the first batch, so after a resume's load_state_dict
             self._batches = infinite_batches(self.loader, self.sampler)
-        images, labels, skipped = next(self._batches)
-        self._skipped.append(skipped.sum())
+        position = replace(self.sampler.position)  # of the batch next() takes (a copy: advance() moves it)
+        try:
+            images, labels, skipped = next(self._batches)
+        except DataError:  # raised in a DataLoader worker: its text holds the worker's traceback
+            raise DataError(self.dataset.none_readable()) from None
+        if not self._prepared and skipped.any():  # a CPU tensor: no device sync
+            self._note_unreadable(position, skipped.tolist())
         if self._prepared:
             images = to_training_batch(images, self.device, flip=self.flip)
         else:
@@ -383,16 +483,24 @@ class BatchSource:
         """The next ``n`` batches (one per D update of a step)."""
         return [next(self) for _ in range(n)]
 
-    def pop_skipped(self) -> int:
-        """Unreadable files this rank passed over since the last call."""
-        count = int(sum(int(t) for t in self._skipped))
-        self._skipped.clear()
-        return count
+    def _note_unreadable(self, position: SamplerPosition, skipped: list[int]) -> None:
+        for index, n in zip(self.sampler.batch_indices(position), skipped):
+            for i in self.dataset.skipped_files(index, n):
+                if i not in self._seen_unreadable:
+                    self._seen_unreadable.add(i)
+                    self._new_unreadable.append((str(self.dataset.files[i]), self.dataset.why_unreadable(i)))
+
+    def pop_unreadable(self) -> list[tuple[str, str]]:
+        """(path, why) of each unreadable file this rank met for the first time since the last call."""
+        new, self._new_unreadable = self._new_unreadable, []
+        return new
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int], batch_size: int | None = None,
+                        world_size: int | None = None) -> None:
+        """See :meth:`ShardedBatchSampler.load_state_dict`."""
         if self._batches is not None:
             raise RuntimeError("BatchSource.load_state_dict: batches were already taken from this source")
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(state, batch_size, world_size)

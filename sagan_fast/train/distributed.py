@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..models.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,11 +38,17 @@ class DistInfo:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK or the CPU, per --device; a ConfigError where the GPU asked for is not there."""
     if preference == "cpu":
         return torch.device("cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+        why = "finds no GPU" if torch.backends.cuda.is_built() else "was built without CUDA"
+        raise ConfigError(f"--device cuda: CUDA is not available (this PyTorch {torch.__version__} {why}); "
+                          "use --device cpu")
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} of this machine has no GPU ({torch.cuda.device_count()} "
+                              "visible): start at most that many processes per machine (--nproc_per_node)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -99,6 +107,20 @@ def broadcast_buffers_once(model: nn.Module, info: DistInfo) -> None:
                 dist.broadcast(buf, src=0)
 
 
+def _as_param_strides(param: torch.Tensor):
+    """A grad hook: a gradient laid out like ``param`` except for the strides of size-1 dims (a
+    1x1 conv's weight gradient from channels_last activations: [C, 1, C, C] against [C, 1, 1, 1])
+    is the same memory; give it the parameter's strides, no copy, so DDP's bucket views match
+    (else: "Grad strides do not match bucket view strides" on every run)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == param.stride() or grad.shape != param.shape:
+            return grad
+        if all(g == p for g, p, n in zip(grad.stride(), param.stride(), grad.shape) if n > 1):
+            return grad.as_strided(param.shape, param.stride())
+        return grad
+    return hook
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP that does not re-broadcast buffers at every forward: that rewrites buffers in place,
     which breaks SN's u when D runs before an earlier graph is backpropagated (docs/DESIGN.md, "How
@@ -110,9 +132,22 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(_as_param_strides(p))
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def share_kernel_tuning(info: DistInfo) -> None:
+    """Every rank takes rank 0's Triton launch settings (tuned per rank during the first step), so
+    all ranks run the same kernels; nothing to do alone or when no Triton kernel ran."""
+    import sys
+
+    attention = sys.modules.get("sagan_fast.ops.triton.attention")
+    if info.distributed and attention is not None:
+        attention.broadcast_tuning()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -27,6 +27,12 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def note(text: str, warning: bool = False) -> None:
+    """A line for the user, before (or without) a :class:`RunLogger`: on stdout, a warning on stderr
+    (errors and warnings only there, so a script can tell them apart); callers pick the rank."""
+    print(text, file=sys.stderr if warning else sys.stdout, flush=True)
+
+
 class RunLogger:
     """Scalars to ``<out>/tensorboard`` and ``<out>/metrics.jsonl``; progress to stderr.
 
@@ -72,14 +78,16 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(steps)
 
-    def message(self, text: str) -> None:
-        """A line for the user (through tqdm so it does not break the bar)."""
+    def message(self, text: str, warning: bool = False) -> None:
+        """A line for the user (through tqdm so it does not break the bar): on stdout, a warning on
+        stderr."""
         if not self.enabled:
             return
+        file = sys.stderr if warning else sys.stdout
         if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
+            self._bar.write(text, file=file)
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=file, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -102,6 +110,10 @@ class ScalarMeter:
     def add(self, stats: Mapping[str, torch.Tensor]) -> None:
         self.sums += torch.stack([stats[name] for name in self.names])
         self.count += 1
+
+    def peek(self) -> dict[str, float]:
+        """Means since the last read, without starting a new interval (one sync)."""
+        return dict(zip(self.names, (self.sums / max(self.count, 1)).tolist()))
 
     def read(self, step: int, images_per_step: int) -> dict[str, float]:
         """Means since the last read, and ``images_per_s`` over that time."""

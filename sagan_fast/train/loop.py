@@ -1,15 +1,17 @@
 """The training loop, top to bottom: build, resume, then ``while step < steps``: batch, step, EMA,
-log, sample, evaluate, checkpoint.
+log, sample, evaluate, checkpoint, stop on a signal.
 
 Every piece it calls lives with its kind: the GAN step (:mod:`.step`), the data (:mod:`.data`),
 what a checkpoint holds and which one to resume from (:mod:`.checkpoint`), sample grids and model
-statistics (:mod:`.observe`), logging (:mod:`.logging`), DDP (:mod:`.distributed`).
+statistics (:mod:`.observe`), logging (:mod:`.logging`), DDP (:mod:`.distributed`), the run
+folder's lock (:mod:`.runfolder`), signals (:mod:`.stop`), one-line errors (:mod:`.errors`).
 ``python train_ddp.py`` (or torchrun) calls :func:`train`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -20,15 +22,21 @@ import torch
 from torch import nn
 
 from ..models import build_models
+from ..models.blocks import count_parameters
+from ..nn.spectral_norm import SpectralNormError
 from . import checkpoint as ckpt
-from .checkpoint import TrainState
+from .checkpoint import Resumed, TrainState
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import BatchSource
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_buffers_once, wrap_ddp
+from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffers_once, share_kernel_tuning,
+                          wrap_ddp)
 from .ema import EMA
+from .errors import Diverged, together
 from .logging import RunLogger, ScalarMeter
-from .observe import fixed_noise, model_scalars, save_samples
+from .observe import fixed_noise, model_scalars, newest_samples, save_samples
+from .runfolder import RunFolder
 from .step import PRESETS, STAT_NAMES, GANStep
+from .stop import StopRequest
 
 
 @dataclass
@@ -38,11 +46,19 @@ class TrainResult:
     step: int
     out: Path
     last_checkpoint: Path | None = None
+    """The newest checkpoint (the resumed one if this call wrote none)."""
     last_samples: Path | None = None
+    """The newest sample grid up to ``step`` (an earlier call's if this one wrote none)."""
     resumed_from: Path | None = None
     skipped_images: int = 0
+    """Unreadable image files met so far, each counted once."""
     images_per_s: float | None = None
     """Training throughput (all processes) over the last log interval."""
+    start_step: int = 0
+    """The step this call started at (the checkpoint's, or 0)."""
+    stopped_by: int | None = None
+    """The signal (SIGINT, SIGTERM) that ended the run before --steps, after a checkpoint of the
+    step it was in; None: the run got to --steps."""
 
 
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
@@ -50,49 +66,62 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     info = info or DistInfo()
     out = Path(cfg.run.out)
     configure_torch(cfg.run, info.device)
-    batches = BatchSource(cfg, info)
-    state = build_state(cfg, info, batches)
-    # Wrap before loading a checkpoint: DDP's initial parameter broadcast writes the weights, and
-    # SN's "u, v are up to date" marks (restored by the load) must come after every such write.
-    G, D = wrap_ddp(state.G, info), wrap_ddp(state.D, info)
-    resumed_from = ckpt.resolve_resume(cfg.run)
-    if resumed_from is None or not ckpt.load_training_state(resumed_from, cfg, state, info):
-        seed_everything(per_rank_seed(cfg, info, state.step))
-    gan_step = GANStep(G, D, state.opt_G, state.opt_D, precision=cfg.optim.precision,
-                       d_steps=cfg.optim.d_steps, **PRESETS[cfg.optim.step_impl])
-    logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
-    if info.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if resumed_from is not None:
-            logger.message(f"resumed from {resumed_from} at step {state.step}")
-    noise = fixed_noise(cfg, info.device)
-    meter = ScalarMeter(STAT_NAMES, info.device, state.step)
-    result = TrainResult(step=state.step, out=out, resumed_from=resumed_from)
-    try:
-        while state.step < cfg.run.steps:
-            stats = gan_step(batches.take(cfg.optim.d_steps))
-            state.step += 1
-            step = state.step
-            state.ema.update(step)
-            meter.add(stats)
-            logger.advance()
-            last = step == cfg.run.steps
+    batches = together(info, BatchSource, cfg, info)  # before the run folder: a bad --data leaves no folder
+    with RunFolder(out, info):  # created, writable, locked: refuses a folder another run trains in
+        state = build_state(cfg, info, batches)
+        # Wrap before loading a checkpoint: DDP's initial parameter broadcast writes the weights, and
+        # SN's "u, v are up to date" marks (restored by the load) must come after every such write.
+        G, D = wrap_ddp(state.G, info), wrap_ddp(state.D, info)
+        resumed = ckpt.resume(cfg, state, info)
+        if resumed is None or not resumed.rng_restored:
+            seed_everything(per_rank_seed(cfg, info, state.step))
+        gan_step = GANStep(G, D, state.opt_G, state.opt_D, precision=cfg.optim.precision,
+                           d_steps=cfg.optim.d_steps, **PRESETS[cfg.optim.step_impl])
+        logger = RunLogger(out, info.is_main, cfg.run.steps, state.step, progress=cfg.run.progress)
+        result = TrainResult(step=state.step, out=out, start_step=state.step,
+                             resumed_from=resumed.path if resumed else None,
+                             last_checkpoint=resumed.path if resumed else None,
+                             last_samples=newest_samples(out, state.step))
+        if info.is_main:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            for line in banner(cfg, info, state, resumed):
+                logger.message(line)
+        noise = fixed_noise(cfg, info.device)
+        meter = ScalarMeter(STAT_NAMES, info.device, state.step)
+        try:
+            with StopRequest(info) as stop:
+                while state.step < cfg.run.steps:
+                    stats = gan_step(batches.take(cfg.optim.d_steps))
+                    state.step += 1
+                    step = state.step
+                    if step == result.start_step + 1:
+                        share_kernel_tuning(info)  # the first step tuned the kernels on each rank
+                    state.ema.update(step)
+                    meter.add(stats)
+                    logger.advance()
+                    last = step == cfg.run.steps
 
-            if last or step % cfg.run.log_every == 0:
-                result.images_per_s = log_step(cfg, state, meter, gan_step, logger, info)
-            if info.is_main and (last or step % cfg.run.sample_every == 0):
-                result.last_samples = save_samples(state.ema.model, noise, out, step)
-            metrics = evaluate(cfg, state, info)
-            if metrics:
-                logger.log(step, metrics)
-            if last or step % cfg.run.ckpt_every == 0:
-                result.last_checkpoint = ckpt.save_training_state(cfg, state, info)
+                    if last or step % cfg.run.log_every == 0:
+                        result.images_per_s = log_step(cfg, state, meter, gan_step, logger, info)
+                    if info.is_main and (last or step % cfg.run.sample_every == 0):
+                        result.last_samples = save_samples(state.ema.model, noise, out, step)
+                    metrics = evaluate(cfg, state, info)
+                    if metrics:
+                        logger.log(step, metrics)
+                    saved = last or step % cfg.run.ckpt_every == 0
+                    if saved:
+                        result.last_checkpoint = save_checked(cfg, state, meter, gan_step, info)
+                    if not last and (signum := stop.agreed()):  # every rank: the same step
+                        if not saved:
+                            result.last_checkpoint = save_checked(cfg, state, meter, gan_step, info)
+                        result.stopped_by = signum
+                        break
 
-        if cfg.run.dump_rank_state:
-            ckpt.dump_rank_state(state, out, info.rank)
-        barrier(info)
-    finally:
-        logger.close()
+            if cfg.run.dump_rank_state:
+                ckpt.dump_rank_state(state, out, info.rank)
+            barrier(info)
+        finally:
+            logger.close()
     result.step, result.skipped_images = state.step, state.skipped_images
     return result
 
@@ -151,22 +180,89 @@ def build_state(cfg: TrainConfig, info: DistInfo, batches: BatchSource) -> Train
     return TrainState(G, D, EMA(G, o.ema_decay, o.ema_start), opt_G, opt_D, batches)
 
 
+def banner(cfg: TrainConfig, info: DistInfo, state: TrainState, resumed: Resumed | None) -> list[str]:
+    """The start lines: where it runs, the models, the data, the run folder, where it starts."""
+    device = str(info.device)
+    if info.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(info.device)})"
+    def size(model: nn.Module) -> str:
+        n = count_parameters(model)
+        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+    lines = [f"train: {device}, {torch.get_num_threads()} CPU thread(s), {info.world_size} process(es); "
+             f"G {size(state.G)} parameters, D {size(state.D)}; data: {state.batches.describe()}; "
+             f"run folder {cfg.run.out}"]
+    steps = cfg.run.steps
+    if resumed is None:
+        lines.append(f"train: starting at step 0 of {steps}")
+    elif resumed.step >= steps:
+        lines.append(f"train: resumed from {resumed.path} at step {resumed.step}: --steps {steps} is reached "
+                     "already, nothing to train (raise --steps to go on)")
+    else:
+        lines.append(f"train: resumed from {resumed.path} at step {resumed.step} of {steps}")
+    return lines + (resumed.notes if resumed else [])
+
+
 # --- what a step shows ---------------------------------------------------------------------------------
 
 def log_step(cfg: TrainConfig, state: TrainState, meter: ScalarMeter, gan_step: GANStep, logger: RunLogger,
              info: DistInfo) -> float:
-    """Read the step statistics back (the log step's sync), check SN, log; returns images/s."""
-    skipped_now = sum(all_gather_objects(state.batches.pop_skipped(), info))
-    state.skipped_images += skipped_now
+    """Read the step statistics back (the log step's sync), log them and the unreadable images met
+    since the last log step (each file once, over all ranks), then check the run has not diverged
+    (raises Diverged on every rank if it has); returns images/s."""
     scalars = meter.read(state.step, cfg.data.batch_size * info.world_size)
-    gan_step.check_spectral_norms()  # the check the step skips (a sync is paid here anyway)
+    new_files = []
+    for rank_files in all_gather_objects(state.batches.pop_unreadable(), info):
+        for path, why in rank_files:
+            if path not in state.unreadable_images:
+                state.unreadable_images.add(path)
+                new_files.append((path, why))
+    for n, (path, why) in enumerate(new_files, start=state.skipped_images + 1):
+        logger.message(f"warning: skipped unreadable image {path} ({why}); {n} skipped so far", warning=True)
+    state.skipped_images += len(new_files)
     scalars["skipped_images"] = float(state.skipped_images)
     if info.is_main:
         scalars.update(model_scalars(state.G, state.D))
     logger.log(state.step, scalars)
-    if skipped_now:
-        logger.message(f"step {state.step}: {state.skipped_images} unreadable image(s) skipped so far")
+    check_health(cfg, state, scalars, gan_step, info)
     return scalars["images_per_s"]
+
+
+def check_health(cfg: TrainConfig, state: TrainState, scalars: dict[str, float], gan_step: GANStep,
+                 info: DistInfo) -> None:
+    """Raise :class:`Diverged` on every rank if any rank's mean losses (``scalars``) are non-finite
+    or beyond --max-loss, or a spectral norm degenerated (one sync, one collective)."""
+    together(info, _raise_if_diverged, cfg, state.step, scalars, gan_step)
+
+
+def _raise_if_diverged(cfg: TrainConfig, step: int, scalars: dict[str, float], gan_step: GANStep) -> None:
+    problem = None
+    for name in STAT_NAMES:
+        value = scalars[name]
+        if not math.isfinite(value):
+            problem = f"{name} is {value}"
+        elif name.startswith("loss") and abs(value) > cfg.run.max_loss:
+            problem = f"{name} = {value:.3g}, beyond --max-loss {cfg.run.max_loss:g}"
+        if problem:
+            break
+    if problem is None:
+        try:
+            gan_step.check_spectral_norms()  # the check the step skips (a sync is paid here anyway)
+        except SpectralNormError as err:
+            problem = str(err).split(" (the weight")[0]
+    if problem is not None:
+        newest = ckpt.newest_checkpoint(cfg.run.out)
+        then = (f"the last checkpoint, {newest}, is kept: lower --lr-g / --lr-d (or raise --max-loss) and "
+                "run again to continue from it" if newest else
+                "no checkpoint was written: lower --lr-g / --lr-d (or raise --max-loss) and start again")
+        raise Diverged(f"step {step}: the run diverged: {problem}; {then}")
+
+
+def save_checked(cfg: TrainConfig, state: TrainState, meter: ScalarMeter, gan_step: GANStep,
+                 info: DistInfo) -> Path | None:
+    """The checkpoint of this step, unless the run diverged since the last check: the last good
+    checkpoint must not be pruned for a bad one."""
+    check_health(cfg, state, meter.peek(), gan_step, info)
+    return ckpt.save_training_state(cfg, state, info)
 
 
 def evaluate(cfg: TrainConfig, state: TrainState, info: DistInfo) -> dict[str, float]:

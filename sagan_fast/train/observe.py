@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,10 @@ def save_samples(G: nn.Module, noise: tuple[torch.Tensor, torch.Tensor | None], 
     path = Path(out) / SAMPLES_DIR / f"step_{step:08d}.png"
     save_image_grid(G(*noise), path)
     return path
+
+
+def newest_samples(out: str | os.PathLike, up_to_step: int) -> Path | None:
+    """The newest samples/step_N.png with N <= ``up_to_step`` (what a resumed run has shown so far)."""
+    found = [(int(m.group(1)), p) for p in (Path(out) / SAMPLES_DIR).glob("step_*.png")
+             if (m := re.fullmatch(r"step_(\d+)\.png", p.name)) and int(m.group(1)) <= up_to_step]
+    return max(found)[1] if found else None

@@ -40,9 +40,7 @@ import torch
 # The reading side lives with the other datasets (sagan_fast.train.data); re-exported here.
 from .data import IMAGES_FILE, INDEX_FILE, DataError, ImageFolderDataset, PreparedDataset, is_prepared
 from .data import PREPARED_FORMAT as FORMAT
-from .data import to_training_batch
-
-_UNREADABLE = (OSError, ValueError, SyntaxError)  # what data.ImageFolderDataset skips
+from .data import to_training_batch, unreadable_errors
 
 
 def _init_decode_worker() -> None:
@@ -55,12 +53,12 @@ def _decode_chunk(args: tuple[list[str], int]) -> list[np.ndarray | str]:
     """Worker: uint8 (R, R, 3) per file, or the error text for an unreadable one."""
     files, resolution = args
     ds = ImageFolderDataset.__new__(ImageFolderDataset)  # only .load is used: no folder listing
-    ds.files, ds.resolution, ds._warned = [Path(f) for f in files], resolution, set()
+    ds.root, ds.files, ds.resolution = Path(files[0]).parent, [Path(f) for f in files], resolution
     out: list[np.ndarray | str] = []
     for i in range(len(files)):
         try:
             x = ds.load(i)  # float (3, R, R) = k / 127.5 - 1 for the decoded byte k
-        except _UNREADABLE as err:
+        except unreadable_errors() as err:  # what data.ImageFolderDataset skips
             out.append(f"{type(err).__name__}: {err}")
             continue
         # Exact inverse of load's scaling: (k/127.5 - 1 + 1) * 127.5 is within 1e-4 of the integer k.

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..nn.spectral_norm import check_spectral_norms, mark_weights_changed, set_check_finite
+from ..nn.spectral_norm import check_spectral_norms, set_check_finite
 from .distributed import unwrap
 from .losses import hinge_loss_d, hinge_loss_g
 
@@ -276,10 +276,9 @@ class GANStep:
                 static_real.copy_(real)
                 if y is not None:
                     static_y.copy_(y)
+        # The SN power iterations were captured right after each optimizer step (sagan_fast.nn's
+        # optimizer hook ran during capture), so the replay keeps u, v and their marks true.
         self._graph.replay()
-        # Replays move weights without bumping their version counters: make any later eager
-        # training-mode forward re-run its power iteration instead of trusting a stale sigma.
-        mark_weights_changed([self.G_raw, self.D_raw])
         return self._static["stats"].clone()
 
     def check_spectral_norms(self) -> None:

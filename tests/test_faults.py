@@ -1,0 +1,646 @@
+"""Faults and user mistakes (issue 12): nothing lost, nothing cryptic.
+
+- Signals (subprocesses; torchrun with 2 gloo workers): SIGINT / SIGTERM finish the step, save it,
+  print one line with the command that continues, exit 130 / 143; a second Ctrl-C aborts at once.
+- Resume: unreadable checkpoints set aside, stale temporary files removed, changed settings applied
+  and reported, the end line after a no-op resume.
+- The run folder lock, the divergence guard, bad images named once per file.
+- BAD_INPUTS: every mistake a user can make that we know of, each one line and exit 2 (one
+  subprocess per case, run two at a time).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sagan_fast.train import ConfigError, DistInfo, parse_config, train
+from sagan_fast.train import checkpoint as ckpt
+from sagan_fast.train.errors import Diverged
+from sagan_fast.train.runfolder import LOCK_FILE, RunFolder
+from sagan_fast.train.stop import StopRequest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+TINY = ["--resolution", "32", "--ch", "2", "--z-dim", "8", "--batch-size", "4", "--n-samples", "4",
+        "--log-every", "1", "--sample-every", "1000", "--no-progress", "--cpu-threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(args: list[str], *, prefix: list[str] = (), timeout: float = 180) -> subprocess.CompletedProcess:
+    """``python [prefix] train_ddp.py args`` from the repository root."""
+    return subprocess.run([sys.executable, *prefix, "train_ddp.py", *map(str, args)], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(out: Path, *more) -> list[str]:
+    return [*TINY, "--out", str(out), *map(str, more)]
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text[-3000:]
+
+
+# --- shared inputs --------------------------------------------------------------------------------
+
+def _rgb_folder(root: Path, n: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12 + i, 10, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A digits run folder with checkpoints of steps 1 and 2 (in this process: no start-up cost), an RGB
+    image folder, a folder of 40 corrupt files."""
+    base = tmp_path_factory.mktemp("shared")
+    run = base / "run"
+    train(parse_config(tiny(run, "--steps", 2, "--ckpt-every", 1, "--keep-ckpts", 3)))
+    rgb = _rgb_folder(base / "rgb")
+    corrupt = base / "corrupt"
+    corrupt.mkdir()
+    for i in range(40):
+        (corrupt / f"bad{i:02d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg " + bytes([i]))
+    return {"run": run, "ckpt": run / "checkpoints" / "step_00000002.pt", "rgb": rgb, "corrupt": corrupt,
+            "base": base}
+
+
+# --- signals ----------------------------------------------------------------------------------------
+
+def _start(args: list[str], tmp: Path, name: str = "run") -> tuple[subprocess.Popen, Path, Path]:
+    out_file, err_file = tmp / f"{name}.out", tmp / f"{name}.err"
+    with open(out_file, "w") as o, open(err_file, "w") as e:  # files, not pipes: nothing can block
+        proc = subprocess.Popen([sys.executable, *map(str, args)], env=ENV, cwd=REPO, stdout=o, stderr=e,
+                                text=True)
+    return proc, out_file, err_file
+
+
+def _wait_for_logged_steps(out: Path, n: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        for p in procs:
+            assert p.poll() is None, f"exited early ({p.returncode})"
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} logged steps in {timeout} s")
+
+
+STOP_LINE = re.compile(r"^train_ddp\.py: stopped by (SIG\w+) after step (\d+), saved (\S+); "
+                       r"to continue: (.+)$")
+
+
+def _stop_line(err: str, signame: str) -> tuple[int, Path, str]:
+    found = [m for line in err.splitlines() if (m := STOP_LINE.match(line))]
+    assert len(found) == 1, err
+    m = found[0]
+    assert m.group(1) == signame
+    return int(m.group(2)), Path(m.group(3)), m.group(4)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+    for part in ("G", "D", "G_ema"):
+        for k in sa[part]:
+            assert torch.equal(sa[part][k], sb[part][k]), f"{part}.{k} differs"
+    assert sa["sampler"] == sb["sampler"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_says_how_to_continue_and_the_continuation_is_exact(sig, tmp_path):
+    out = tmp_path / "run"
+    args = ["train_ddp.py", *tiny(out, "--steps", 100000, "--ckpt-every", 1000)]
+    proc, _, err_file = _start(args, tmp_path)
+    try:
+        _wait_for_logged_steps(out, 2, [proc])
+        if sig == signal.SIGINT:  # meanwhile, a second run on the same folder is refused
+            second = cli(tiny(out, "--steps", 3))
+            assert second.returncode == 2, second.stderr
+            assert len(lines(second.stderr)) == 1 and re.fullmatch(
+                rf"train_ddp\.py: error: --out {re.escape(str(out))}: in use by another training run \(pid "
+                rf"{proc.pid} on {re.escape(os.uname().nodename)} since [\d: -]+\); wait for it to finish or "
+                r"choose another --out", lines(second.stderr)[0]), second.stderr
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err_file.read_text()
+    assert rc == 128 + sig, err
+    assert_no_traceback(err)
+    step, saved, command = _stop_line(err, sig.name)
+    assert step >= 2 and saved == out / "checkpoints" / f"step_{step:08d}.pt" and saved.is_file()
+    assert ckpt.list_checkpoints(out / "checkpoints") == [saved]  # --ckpt-every 1000: only the stop's
+    # The printed command continues (one more step here) from that checkpoint, bit for bit.
+    argv = shlex.split(command)
+    assert argv[1:3] == ["train_ddp.py", *TINY[:1]] and "--resume" not in argv
+    resumed = subprocess.run([*argv, "--steps", str(step + 1)], env=ENV, cwd=REPO, capture_output=True,
+                             text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {saved} at step {step} of {step + 1}" in resumed.stdout
+    straight = tmp_path / "straight"
+    train(parse_config(tiny(straight, "--steps", step + 1, "--ckpt-every", 1000)))
+    name = f"step_{step + 1:08d}.pt"
+    _same_weights(out / "checkpoints" / name, straight / "checkpoints" / name)
+
+
+def test_a_second_ctrl_c_aborts_the_step_at_once(tmp_path):
+    out = tmp_path / "run"
+    # A step of a few seconds (64 px, batch 64), so the second signal lands inside the first step.
+    args = ["--resolution", "64", "--ch", "16", "--batch-size", "64", "--steps", "5", "--no-progress",
+            "--cpu-threads", "1", "--n-samples", "4", "--out", str(out)]
+    proc, out_file, err_file = _start(["train_ddp.py", *args], tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while "starting at step 0" not in out_file.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()
+            time.sleep(0.05)
+        time.sleep(0.2)  # the handlers are in place a moment after the banner
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        assert proc.poll() is None, "the first Ctrl-C ended the run: it must let the step finish"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err_file.read_text()
+    assert rc == 130, err
+    assert_no_traceback(err)
+    assert lines(err) == [f"train_ddp.py: interrupted (Ctrl-C), no checkpoint written; to continue: "
+                          f"{shlex.join([sys.executable, 'train_ddp.py', *args])}"]
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text(), \
+        "the first step finished: the second signal did not abort it"
+    assert took < 10, f"took {took:.1f} s to abort"
+
+
+def test_stop_request_handles_real_signals_in_this_process():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest(DistInfo()) as stop:
+        assert stop.agreed() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun and SLURM may both send one: not an abort
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second signal, a Ctrl-C: abort
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def _torchrun(args: list[str], tmp: Path) -> tuple[subprocess.Popen, Path, Path]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return _start([*launcher, "train_ddp.py", *args], tmp, "torchrun")
+
+
+def _worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its children with RANK in their environment)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if ppid == torchrun.pid else []
+        except (OSError, ValueError, IndexError):  # not a process, or gone
+            continue
+        rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if rank:
+            pids[int(rank[0])] = int(proc.name)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker pids from /proc")
+@pytest.mark.parametrize("target", ["torchrun", "rank1"])
+def test_sigterm_under_torchrun_stops_both_ranks_after_the_same_step(target, tmp_path):
+    """``torchrun``: SIGTERM to torchrun (what Kubernetes does), which sends it to each worker's process
+    group (DataLoader workers included: --workers 1). ``rank1``: SIGTERM to one worker only (what
+    torchrun does to the survivors of a failed worker): the all-reduced stop flag stops rank 0 too."""
+    out = tmp_path / "run"
+    proc, out_file, err_file = _torchrun(tiny(out, "--steps", 100000, "--ckpt-every", 1000, "--workers", 1,
+                                              "--dump-rank-state"), tmp_path)
+    try:
+        _wait_for_logged_steps(out, 2, [proc])
+        os.kill(proc.pid if target == "torchrun" else _worker_pids(proc)[1], signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = out_file.read_text() + err_file.read_text()
+    # No traceback frame from our code (torchrun prints its own; CI's venv lives inside the repository).
+    ours = [line for line in log.splitlines() if f'File "{REPO}' in line and f'File "{sys.prefix}' not in line]
+    assert not ours, log[-4000:]
+    step, saved, command = _stop_line(log, "SIGTERM")
+    assert saved.is_file() and ckpt.list_checkpoints(out / "checkpoints") == [saved]
+    assert "torch.distributed.run --standalone --nproc_per_node=2 train_ddp.py" in command
+    states = [torch.load(out / "rank_state" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0]["step"] == states[1]["step"] == step
+    for k in states[0]["D"]:
+        assert torch.equal(states[0]["D"][k], states[1]["D"][k]), k
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_newest_good_one_resumes(tmp_path, capfd):
+    out = tmp_path / "run"
+    train(parse_config(tiny(out, "--steps", 4, "--ckpt-every", 1, "--keep-ckpts", 4)))
+    folder = out / "checkpoints"
+    fourth, third, second = (folder / f"step_0000000{i}.pt" for i in (4, 3, 2))
+    fourth.write_bytes(fourth.read_bytes()[:5000])  # a copy cut short
+    third.write_bytes(b"")  # a full disk elsewhere
+    torch.save({"format": 1, "step": 2}, second)  # someone else's file under our name
+    dead = _dead_pid()
+    stale = [folder / f".step_00000005.pt.tmp{dead}", out / "samples" / f".step_00000005.png.tmp{dead}"]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    own = folder / f".step_00000009.pt.tmp{os.getpid()}"  # this process's own: never touched
+    own.write_bytes(b"")
+    capfd.readouterr()
+    result = train(parse_config(tiny(out, "--steps", 5, "--ckpt-every", 1, "--keep-ckpts", 4)))
+    captured = capfd.readouterr()
+    assert result.resumed_from == folder / "step_00000001.pt" and result.step == 5
+    then = "trying the one before"
+    assert [line for line in lines(captured.err) if line.startswith("warning:")] == [
+        f"warning: checkpoint {fourth} is unreadable: truncated (5000 bytes: the zip archive torch.save "
+        f"writes has no end record); renamed to step_00000004.pt.corrupt, {then}",
+        f"warning: checkpoint {third} is unreadable: an empty file (0 bytes); renamed to "
+        f"step_00000003.pt.corrupt, {then}",
+        f"warning: checkpoint {second} is unreadable: not a complete sagan_fast training checkpoint (no "
+        f"['config', 'G', 'D', 'G_ema', 'opt_G', 'opt_D', 'sn', 'sampler', 'rng', 'skipped_images']); "
+        f"renamed to step_00000002.pt.corrupt, {then}"]
+    assert (folder / "step_00000004.pt.corrupt").stat().st_size == 5000  # kept as it was
+    assert (folder / "step_00000003.pt.corrupt").stat().st_size == 0
+    assert torch.load(folder / "step_00000002.pt.corrupt", weights_only=True) == {"format": 1, "step": 2}
+    assert not any(p.exists() for p in stale) and own.exists()
+    assert f"removed 2 temporary file(s) of interrupted writes in {out}" in captured.out
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == [f"step_0000000{i}.pt" for i in (2, 3, 4, 5)]
+    own.unlink()
+
+
+def test_changed_settings_are_applied_and_said_and_the_checkpoint_records_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(parse_config(tiny(out, "--steps", 1, "--ckpt-every", 1, "--lr-g", 1e-3)))
+    capsys.readouterr()
+    train(parse_config(tiny(out, "--steps", 2, "--ckpt-every", 1, "--lr-g", 2e-3, "--batch-size", 8)))
+    said = capsys.readouterr().out
+    assert ("resume: settings changed since the checkpoint, the new values apply: --batch-size 4 -> 8, "
+            "--lr-g 0.001 -> 0.002") in said
+    assert "resume: not bit-exact with an uninterrupted run: --batch-size changed" in said
+    saved = ckpt.load_checkpoint(out / "checkpoints" / "step_00000002.pt")
+    # What the optimizer used is what the config says (the optimizer state alone brought 1e-3 back).
+    assert [g["lr"] for g in saved["opt_G"]["param_groups"]] == [2e-3] == [saved["config"]["optim"]["lr_g"]]
+    assert json.loads((out / "config.json").read_text())["optim"]["lr_g"] == 2e-3
+    # A checkpoint of two processes, resumed by one: said, not silent.
+    saved["world_size"], saved["rng"] = 2, saved["rng"] * 2
+    ckpt.atomic_torch_save(saved, out / "checkpoints" / "step_00000002.pt")
+    train(parse_config(tiny(out, "--steps", 3, "--ckpt-every", 1, "--lr-g", 2e-3, "--batch-size", 8)))
+    said = capsys.readouterr().out
+    assert ("resume: not bit-exact with an uninterrupted run: 2 process(es) then, 1 now (RNG states "
+            "reseeded)") in said
+    assert "settings changed" not in said
+
+
+def test_a_no_op_resume_ends_with_a_true_line_and_the_banner_says_where_it_starts(shared, capsys):
+    import train_ddp
+
+    result = train(parse_config(tiny(shared["run"], "--steps", 2, "--ckpt-every", 1, "--keep-ckpts", 3)))
+    said = capsys.readouterr().out
+    assert (result.start_step, result.step) == (2, 2)
+    assert train_ddp.done_line(result) == (
+        f"done: step 2 (reached already: nothing to train), checkpoint {shared['ckpt']}, samples "
+        f"{shared['run']}/samples/step_00000002.png")
+    banner = lines(said)
+    assert re.fullmatch(r"train: cpu, 1 CPU thread\(s\), 1 process\(es\); G \d+\.\dk parameters, D \d+\.\dk; "
+                        r"data: digits \(1797 images, 1 channel, 449 batches per epoch per process\); "
+                        rf"run folder {re.escape(str(shared['run']))}", banner[0]), banner[0]
+    assert banner[1] == (f"train: resumed from {shared['ckpt']} at step 2: --steps 2 is reached already, "
+                         "nothing to train (raise --steps to go on)")
+
+
+# --- the run folder lock ------------------------------------------------------------------------------
+
+def test_the_lock_refuses_a_second_run_and_is_free_again_when_its_holder_is_killed(tmp_path):
+    """The holder forks a child (as DataLoader workers are forked) before it is killed: the folder is
+    free at once all the same (a POSIX record lock is the process's, not shared with its children)."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; from sagan_fast.train import DistInfo; "
+         "from sagan_fast.train.runfolder import RunFolder; RunFolder(sys.argv[1], DistInfo()).__enter__(); "
+         "child = os.fork(); child or time.sleep(120); print(child, flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        busy = rf"--out {re.escape(str(out))}: in use by another training run \(pid {holder.pid} on "
+        with pytest.raises(ConfigError, match=busy + rf"{re.escape(os.uname().nodename)} since"):
+            RunFolder(out, DistInfo()).__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the forked child lives on
+        with RunFolder(out, DistInfo()):  # yet the kernel released the lock with its holder
+            assert f"pid {os.getpid()} on " in (out / LOCK_FILE).read_text()
+    finally:
+        for pid in (holder.pid, child):
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
+# --- divergence ----------------------------------------------------------------------------------------
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(shared, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(shared["ckpt"].read_bytes())
+    # The new learning rates apply on resume (they used to be ignored): the next step blows up.
+    with pytest.raises(Diverged, match=r"^step 3: the run diverged: loss_\w = -?[\d.]+e\+\d+, beyond "
+                                       r"--max-loss 10000; the last checkpoint, .*step_00000002\.pt, is "
+                                       r"kept: lower"):
+        train(parse_config(tiny(out, "--steps", 6, "--ckpt-every", 1, "--lr-g", 1e8, "--lr-d", 1e8)))
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
+    last_logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_logged["step"] == 3  # logged, then stopped
+
+
+def test_the_divergence_check_reads_nan_the_threshold_and_a_degenerate_spectral_norm(shared):
+    from sagan_fast.models import build_models
+    from sagan_fast.nn.spectral_norm import set_check_finite
+    from sagan_fast.train.loop import _raise_if_diverged
+    from sagan_fast.train.step import PLAIN, GANStep
+
+    cfg = parse_config(tiny(shared["base"] / "unused", "--max-loss", 100))
+    G, D = build_models(cfg.model, 1)
+    step = GANStep(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()), precision="fp32",
+                   **PLAIN)
+    ok = {"loss_d": 1.0, "loss_g": -99.0, "d_real": 0.5, "d_fake": -0.5}
+    _raise_if_diverged(cfg, 7, ok, step)
+    for bad, match in (({"loss_g": -101.0}, "loss_g = -101, beyond --max-loss 100"),
+                       ({"loss_d": math.nan}, "loss_d is nan"), ({"d_fake": math.inf}, "d_fake is inf")):
+        with pytest.raises(Diverged, match=f"^step 7: the run diverged: {match}; no checkpoint was written"):
+            _raise_if_diverged(cfg, 7, {**ok, **bad}, step)
+    # A zero weight: its sigma is 0, the SN check the step leaves to log steps finds it.
+    weight = next(p for n, p in D.named_parameters() if n.endswith("original"))
+    with torch.no_grad():
+        weight.zero_()
+    previous = set_check_finite(False)
+    try:
+        D(torch.randn(2, 1, 32, 32))
+    finally:
+        set_check_finite(previous)
+    with pytest.raises(Diverged, match=r"the run diverged: spectral norm: sigma is zero, NaN or Inf for "
+                                       r"weight\(s\) of shape \[.*\]; no checkpoint"):
+        _raise_if_diverged(cfg, 7, ok, step)
+
+
+# --- bad images ------------------------------------------------------------------------------------------
+
+def test_bad_images_are_named_once_per_file_and_counted_once_over_workers_and_epochs(tmp_path, capfd):
+    root = _rgb_folder(tmp_path / "imgs", 4)
+    (root / "zz_truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("1", (20000, 10000)).save(root / "huge.png")  # 200 megapixels: DecompressionBombError
+    capfd.readouterr()
+    # 6 files, batches of 2: 3 per epoch, 9 steps = 3 epochs, in 2 DataLoader worker processes.
+    result = train(parse_config(tiny(tmp_path / "run", "--data", root, "--batch-size", 2, "--workers", 2,
+                                     "--steps", 9, "--log-every", 3, "--ckpt-every", 9)))
+    err = capfd.readouterr().err
+    assert_no_traceback(err)
+    # One line per file (in the order they were met), not one per worker or epoch.
+    assert {re.sub(r"; \d skipped so far$", "", line) for line in lines(err)} == {
+        f"warning: skipped unreadable image {root / 'huge.png'} (DecompressionBombError: Image size "
+        "(200000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS attack.)",
+        f"warning: skipped unreadable image {root / 'zz_truncated.jpg'} (OSError: Truncated File Read)"}, err
+    assert len(lines(err)) == 2 and lines(err)[1].endswith("; 2 skipped so far"), err
+    assert result.skipped_images == 2
+    saved = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000009.pt")
+    assert saved["skipped_images"] == 2
+    assert saved["unreadable_images"] == sorted([str(root / "huge.png"), str(root / "zz_truncated.jpg")])
+
+
+# --- the table of user mistakes --------------------------------------------------------------------------
+
+# Runs train_ddp.py after setting a resource limit or dropping privileges (rlimits and the capability
+# bounding set survive exec; preexec_fn is unsafe with the threads that run the cases).
+_EXEC = "import os, sys; {setup}; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+FSIZE_LIMIT = ["-c", _EXEC.format(setup="import resource; resource.setrlimit(resource.RLIMIT_FSIZE, "
+                                        "(64 << 10, 64 << 10))")]
+# root ignores file permissions (CAP_DAC_OVERRIDE): drop that, CAP_DAC_READ_SEARCH and CAP_FOWNER
+# from the bounding set before exec, so a read-only folder is read-only to the run too.
+NO_DAC = ["-c", _EXEC.format(setup="import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+                                   "[sys.exit(77) for cap in (1, 2, 3) if libc.prctl(24, cap, 0, 0, 0) != 0] "
+                                   "if os.geteuid() == 0 else None")]
+
+
+@dataclasses.dataclass
+class Bad:
+    id: str
+    setup: Callable[[Path, dict], list]
+    error: str
+    """A regex the one error line must match (after "train_ddp.py: error: ")."""
+    prefix: list[str] = dataclasses.field(default_factory=list)
+    warnings: int = 0
+    """Warning lines expected before the error."""
+
+
+def _copy_run(shared: dict, tmp: Path) -> Path:
+    out = tmp / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(shared["ckpt"].read_bytes())
+    return out
+
+
+def _foreign(tmp: Path) -> Path:
+    torch.save({"hello": torch.ones(2)}, tmp / "foreign.pt")
+    return tmp / "foreign.pt"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def _evil(tmp: Path) -> Path:
+    torch.save({"format": 1, "x": _Evil()}, tmp / "evil.pt")
+    return tmp / "evil.pt"
+
+
+def _truncated(shared: dict, tmp: Path) -> Path:
+    (tmp / "cut.pt").write_bytes(shared["ckpt"].read_bytes()[:4096])
+    return tmp / "cut.pt"
+
+
+def _read_only_out(tmp: Path) -> Path:
+    out = tmp / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    return out
+
+
+def _busy(tmp: Path, shared: dict) -> list:
+    out = tmp / "busy"
+    folder = RunFolder(out, DistInfo())
+    folder.__enter__()  # held by this (the test) process while the case runs
+    shared.setdefault("held", []).append(folder)
+    return tiny(out, "--steps", 2)
+
+
+def _prepared_truncated(tmp: Path, shared: dict) -> Path:
+    from sagan_fast.train.prepared_data import prepare
+
+    prepare(shared["rgb"], tmp / "prepared", 32, workers=0, quiet=True)
+    images = tmp / "prepared" / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
+    return tmp / "prepared"
+
+
+def _all_corrupt_checkpoints(shared: dict, tmp: Path) -> Path:
+    out = _copy_run(shared, tmp)
+    (out / "checkpoints" / "step_00000001.pt").write_bytes(b"")
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(shared["ckpt"].read_bytes()[:100])
+    return out
+
+
+def _q(p) -> str:
+    return re.escape(str(p))
+
+
+BAD_INPUTS = [
+    Bad("device-cuda-without-gpu", lambda t, s: tiny(t / "r", "--device", "cuda"),
+        r"--device cuda: CUDA is not available \(this PyTorch .* (finds no GPU|was built without CUDA)\); "
+        r"use --device cpu"),
+    Bad("bad-flag-value", lambda t, s: tiny(t / "r", "--lr-g", 0), r"--lr-g: must be > 0, got 0.0"),
+    Bad("max-loss-not-positive", lambda t, s: tiny(t / "r", "--max-loss", -1), r"--max-loss: must be > 0"),
+    Bad("resume-missing-file", lambda t, s: tiny(t / "r", "--resume", t / "nope.pt"),
+        r"--resume .*nope\.pt: no such file$"),
+    Bad("resume-a-folder", lambda t, s: tiny(t / "r", "--resume", s["run"]),
+        r"--resume .*: a folder, not a checkpoint file; its newest checkpoint is .*step_00000002\.pt, and "
+        r"--out .* continues that run from it$"),
+    Bad("resume-foreign-pt", lambda t, s: tiny(t / "r", "--resume", _foreign(t)),
+        r"--resume .*foreign\.pt: not a sagan_fast training checkpoint \(format 1\)$"),
+    Bad("resume-pickle-with-code", lambda t, s: tiny(t / "r", "--resume", _evil(t)),
+        r"--resume .*evil\.pt: holds objects other than tensors and plain values \(refused by "
+        r"torch\.load\(weights_only=True\)\)$"),
+    Bad("resume-truncated-file", lambda t, s: tiny(t / "r", "--resume", _truncated(s, t)),
+        r"--resume .*cut\.pt: truncated \(4096 bytes: the zip archive torch\.save writes has no end "
+        r"record\)$"),
+    Bad("resume-latest-none", lambda t, s: tiny(t / "r", "--resume"),
+        r"--resume: no checkpoint in .*checkpoints$"),
+    Bad("no-resume-over-checkpoints", lambda t, s: tiny(_copy_run(s, t), "--no-resume"),
+        r"--no-resume: .* already holds checkpoints \(up to step_00000002\.pt\); choose another --out"),
+    Bad("all-checkpoints-unreadable", lambda t, s: tiny(_all_corrupt_checkpoints(s, t), "--steps", 3),
+        r"none of the 2 checkpoint\(s\) in .* can be read \(each kept as \*\.pt\.corrupt\); --no-resume "
+        r"starts this run folder afresh$", warnings=2),
+    Bad("checkpoint-of-other-channels", lambda t, s: tiny(_copy_run(s, t), "--data", s["rgb"], "--steps", 3),
+        r"cannot resume from .*step_00000002\.pt: it was trained on 1-channel images, the data .* has "
+        r"3-channel images \(use another --out\)$"),
+    Bad("checkpoint-of-other-model", lambda t, s: tiny(_copy_run(s, t), "--ch", 4, "--steps", 3),
+        r"cannot resume from .*: model settings differ \(checkpoint, now\): \{'ch': \(2, 4\)\}$"),
+    Bad("out-is-a-file", lambda t, s: tiny(s["ckpt"], "--steps", 1),
+        r"--out .*step_00000002\.pt: exists and is not a folder$"),
+    Bad("out-read-only", lambda t, s: tiny(_read_only_out(t), "--steps", 1),
+        r"--out .*ro: not writable \(Permission denied\)$", prefix=NO_DAC),
+    Bad("out-in-use", lambda t, s: _busy(t, s),
+        r"--out .*busy: in use by another training run \(pid \d+ on .* since .*\); wait for it to finish or "
+        r"choose another --out$"),
+    Bad("disk-full", lambda t, s: tiny(t / "r", "--steps", 2, "--ckpt-every", 1),
+        r"cannot write the checkpoint of step 1 to .*step_00000001\.pt \(File too large\); there is no "
+        r"earlier one: make room and run the same command again$",
+        prefix=FSIZE_LIMIT),
+    Bad("data-missing", lambda t, s: tiny(t / "r", "--data", t / "nowhere"),
+        r"--data .*nowhere': no such folder"),
+    Bad("data-no-images", lambda t, s: tiny(t / "r", "--data", t),
+        r"--data .*: no jpg/jpeg/png/webp images found"),
+    Bad("data-all-corrupt", lambda t, s: tiny(t / "r", "--data", s["corrupt"], "--workers", 2, "--steps", 2),
+        r"--data .*corrupt': none of its 40 images can be read \(e\.g\. bad00\.jpg: OSError: Truncated File "
+        r"Read\)$"),
+    Bad("batch-larger-than-data", lambda t, s: tiny(t / "r", "--data", s["rgb"], "--batch-size", 8),
+        r"4 images give 4 per process: fewer than one batch of 8"),
+    Bad("labels-for-unlabelled-data", lambda t, s: tiny(t / "r", "--data", s["rgb"], "--n-classes", 3),
+        r"--n-classes 3: the data .* has no class labels"),
+    Bad("prepared-data-damaged", lambda t, s: tiny(t / "r", "--data", _prepared_truncated(t, s)),
+        r".*prepared: images\.npy cannot be read \(.*\); prepare the folder again$"),
+    Bad("diverged", lambda t, s: tiny(t / "r", "--steps", 4, "--ckpt-every", 1, "--lr-g", 1e8, "--lr-d", 1e8),
+        r"step 1: the run diverged: loss_\w = .*, beyond --max-loss 10000; no checkpoint was written: lower "
+        r"--lr-g / --lr-d \(or raise --max-loss\) and start again$"),
+]
+_IDS = [case.id for case in BAD_INPUTS]
+
+
+def test_the_table_counts_the_bad_inputs_tried():
+    """Every mistake issue 12 lists is in the table (and a few like them); ids are unique."""
+    assert len(set(_IDS)) == len(_IDS) == 24
+    listed = {"device-cuda-without-gpu", "resume-missing-file", "resume-a-folder", "resume-foreign-pt",
+              "checkpoint-of-other-channels", "out-read-only", "disk-full", "data-all-corrupt", "out-in-use",
+              "diverged", "resume-truncated-file"}
+    assert listed <= set(_IDS)
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(shared, tmp_path_factory):
+    """Every case of BAD_INPUTS, two subprocesses at a time: {id: CompletedProcess}."""
+    def run(case: Bad) -> subprocess.CompletedProcess:
+        tmp = tmp_path_factory.mktemp(case.id)
+        return cli(case.setup(tmp, shared), prefix=case.prefix)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            return dict(zip(_IDS, pool.map(run, BAD_INPUTS)))
+    finally:
+        for folder in shared.pop("held", []):
+            folder.release()
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=_IDS)
+def test_a_bad_input_is_one_clear_line_and_exit_2(case, bad_input_runs):
+    if case.id == "device-cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    proc = bad_input_runs[case.id]
+    if proc.returncode == 77:
+        pytest.skip("cannot drop root's file permission override here")
+    assert_no_traceback(proc.stdout + proc.stderr)
+    err = lines(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in err if line.startswith("train_ddp.py: error: ")]
+    assert len(errors) == 1 and len(err) == 1 + case.warnings, err
+    assert all(line.startswith("warning: ") for line in err if line not in errors), err
+    assert re.match(case.error, errors[0][len("train_ddp.py: error: "):]), errors[0]
