@@ -1171,7 +1171,9 @@ class _NormalizeMulti(torch.autograd.Function):
                                            W_DTYPE=w_t, ACC=acc_t, BLOCK=_BLOCK_MULTI,
                                            BLOCK_P=triton.next_power_of_2(_MAX_PARTIALS))
         ctx.plan, ctx.dtypes, ctx.dims = plan, (w_dtype, us[0].dtype, vs[0].dtype, out_dtype), dims
-        ctx.weights = weights  # parameters: alive anyway; u, v saved to catch in-place changes
+        # Aliases of the storages the plan points at (alive through the backward even if a
+        # parameter gets new storage in between); u, v saved to catch in-place changes.
+        ctx.weights = [w.detach() for w in weights]
         ctx.save_for_backward(sigmas, *us, *vs)
         ctx.set_materialize_grads(False)
         return tuple(plan.views(flat))
