@@ -13,40 +13,16 @@ with --interpolate). The same checkpoint, --seed and flags give the same images.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .images import grid_labels, image_grid, save_image, to_uint8
+
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PROG = "sagan-fast-sample"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as a PNG stores them."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) image, row by row, black gaps."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = images[i]
-    return grid
-
-
-def save_image(image: np.ndarray, path: Path) -> None:
-    """(H, W, 1 or 3) uint8 -> grey or RGB file, format from the suffix."""
-    from PIL import Image
-
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(path)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,12 +50,10 @@ def plan(G, args) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         # One strip per class, the same walk in each.
         return walk.repeat(n_classes, 1), torch.arange(n_classes).repeat_interleave(args.n), args.n
     z = sample_z(G, args.n, seed=args.seed, truncation=args.truncation)
-    if n_classes == 0:
-        return z, None, math.ceil(math.sqrt(args.n))
     if args.cls is not None:
-        return z, torch.full((args.n,), args.cls), math.ceil(math.sqrt(args.n))
-    per_row = math.ceil(args.n / n_classes)
-    return z, torch.arange(args.n) // per_row, per_row
+        return z, torch.full((args.n,), args.cls), grid_labels(args.n, 0)[1]
+    y, per_row = grid_labels(args.n, n_classes)
+    return z, y, per_row
 
 
 def output_kind(out: str) -> str:

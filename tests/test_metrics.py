@@ -264,6 +264,7 @@ def test_scores_are_the_same_on_every_call_and_leave_the_global_rng_alone(digits
     assert torch.equal(torch.get_rng_state(), rng)
     assert digits_evaluator(G) == first
     again = Evaluator.for_data("digits", resolution=32, n_samples=400, kid_subsets=10)
+    assert torch.equal(torch.get_rng_state(), rng)  # building one too (the judge's init is overwritten)
     assert again.reference == digits_evaluator.reference
     assert again(G) == first
     assert Evaluator.for_data("digits", resolution=32, n_samples=400, kid_subsets=10, seed=1)(G) != first

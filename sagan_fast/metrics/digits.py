@@ -128,7 +128,8 @@ def load_digits_classifier(path: str | Path | None = None,
     The attribute ``info`` holds what the training script recorded (held-out accuracy, split, ...).
     """
     saved = _cached_weights(str(Path(path) if path is not None else WEIGHTS_PATH))
-    model = DigitsClassifier()
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, must not move the
+        model = DigitsClassifier()           # caller's RNG (a training run that evaluates)
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as err:

@@ -89,8 +89,9 @@ class InceptionFeatures:
         torch.save(state, buffer)
         buffer.seek(0)
         try:
-            net = extractor_class("inception-v3-compat", ["2048", "logits_unbiased"],
-                                  feature_extractor_weights_path=buffer)
+            with torch.random.fork_rng(devices=[]):  # its random init must not move the caller's RNG
+                net = extractor_class("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=buffer)
         except RuntimeError as err:  # load_state_dict: keys or shapes do not match
             raise ValueError(f"Inception weights {str(weights_path)!r} do not fit torch-fidelity's "
                              f"Inception-v3: {first_line(err)}") from None

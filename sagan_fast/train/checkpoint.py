@@ -49,7 +49,7 @@ CHECKPOINT_DIR = "checkpoints"
 CORRUPT_SUFFIX = ".corrupt"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 # Temporary files of atomic writes (checkpoints, sample grids): "." + final name + ".tmp" + writer's PID.
-_TEMP = re.compile(r"^\.step_\d{8,}\.(?:pt|png)\.tmp(\d+)$")
+_TEMP = re.compile(r"^\.(?:step_\d{8,}\.(?:pt|png)|best\.pt)\.tmp(\d+)$")
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 """OSErrors of writing the run folder that are the disk's or the permissions' fault, not a bug."""
 _KEYS = ("step", "config", "G", "D", "G_ema", "opt_G", "opt_D", "sn", "sampler", "rng", "skipped_images")
@@ -126,7 +126,7 @@ def remove_stale_temp_files(out: str | os.PathLike, all_stale: bool) -> list[tup
     the run folder's lock, so no live process writes there and every such file is stale; else only
     files of processes no longer alive on this machine are."""
     removed = []
-    for folder in (Path(out) / CHECKPOINT_DIR, Path(out) / "samples"):
+    for folder in (Path(out) / CHECKPOINT_DIR, Path(out) / "samples", Path(out)):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -272,6 +272,8 @@ class TrainState:
     step: int = 0
     skipped_images: int = 0
     unreadable_images: set[str] = field(default_factory=set)
+    best: dict[str, Any] | None = None
+    """The lowest FID so far (``{"step", "key", "value"}``), or None: what best.pt holds."""
 
 
 @dataclass
@@ -343,24 +345,33 @@ def resume(cfg: TrainConfig, state: TrainState, info: DistInfo) -> Resumed | Non
     return together(info, load_training_state, path, cfg, state, info, saved)
 
 
-def save_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo) -> Path | None:
+def save_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, path: Path | None = None,
+                        extra: dict[str, Any] | None = None) -> Path | None:
     """Write the checkpoint of ``state.step`` (rank 0; returns its path, None elsewhere). Every rank
     must call it: each contributes its RNG state (a collective), and a failed write (a full disk) is
-    an :class:`~sagan_fast.train.errors.OutputError` on every rank. Usable at any step."""
+    an :class:`~sagan_fast.train.errors.OutputError` on every rank. Usable at any step.
+
+    ``path``: write there (e.g. best.pt) instead of the run's next ``checkpoints/step_N.pt`` (which
+    prunes the oldest); ``extra``: more plain values to store (e.g. the scores that made it best)."""
     rng = all_gather_objects(capture_rng_state(info.device), info)
-    return together(info, _write_training_state if info.is_main else lambda *a: None, cfg, state, info, rng)
+    return together(info, _write_training_state if info.is_main else lambda *a: None, cfg, state, info, rng,
+                    path, extra or {})
 
 
-def _write_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, rng: list) -> Path:
+def _write_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, rng: list, path: Path | None,
+                          extra: dict[str, Any]) -> Path:
     s = state
     payload = {"config": cfg.to_dict(), "world_size": info.world_size, "G": s.G.state_dict(),
                "D": s.D.state_dict(), "G_ema": s.ema.state_dict(), "opt_G": s.opt_G.state_dict(),
                "opt_D": s.opt_D.state_dict(),
                "sn": {"G": spectral_norm_state(s.G), "D": spectral_norm_state(s.D)},
                "sampler": s.batches.state_dict(), "rng": rng, "skipped_images": s.skipped_images,
-               "unreadable_images": sorted(s.unreadable_images)}
+               "unreadable_images": sorted(s.unreadable_images), "best": s.best, **extra}
     folder = Path(cfg.run.out) / CHECKPOINT_DIR
     try:
+        if path is not None:
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "step": s.step, **payload}, path)
+            return path
         return save_checkpoint(folder, s.step, payload, keep=cfg.run.keep_ckpts)
     except OSError as err:
         if err.errno not in OUTPUT_ERRNOS:
@@ -422,6 +433,7 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
     state.batches.load_state_dict(saved["sampler"], batch_size=before.data.batch_size, world_size=saved_world)
     state.step, state.skipped_images = int(saved["step"]), int(saved["skipped_images"])
     state.unreadable_images = set(saved.get("unreadable_images", []))
+    state.best = saved.get("best")  # absent in files written before evaluation existed
     rng_restored = len(saved["rng"]) == info.world_size
     if rng_restored:
         restore_rng_state(saved["rng"][info.rank], info.device)

@@ -153,6 +153,44 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample quality during training: the EMA generator scored against the real data."""
+
+    eval_every: int | None = None
+    """Score the EMA generator every this many steps (and at the last step): FID and KID, IS and for
+    digits the built-in judge's scores, logged (TensorBoard, metrics.jsonl, a line), plotted in
+    metrics.png, and best.pt kept by FID. 0: never. Default: 250 for digits; for an image folder
+    5000 with --inception-weights, else never (its FID needs Inception)."""
+    eval_samples: int = 1000
+    """Generated images per evaluation (FID from 1,000 samples is biased upwards: compare values of
+    one run, or use python -m sagan_fast.evaluate --n 10000 for a final number)."""
+    inception_weights: str | None = None
+    """Inception-v3 weights file for Inception FID/KID/IS (torch-fidelity's
+    weights-inception-2015-12-05-6726825d.pth or pytorch-fid's pt_inception-...pth; never
+    downloaded; needs torch-fidelity). Needed to evaluate an image-folder run."""
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every is None or self.eval_every >= 0, "eval_every",
+               f"must be >= 0, got {self.eval_every}")
+        _check(self.eval_samples >= 2, "eval_samples", f"must be >= 2 (FID needs a covariance), got "
+               f"{self.eval_samples}")
+        _check(self.inception_weights is None or bool(self.inception_weights), "inception_weights",
+               "must be a file path")
+
+    def every(self, data: str) -> int:
+        """The evaluation interval for ``data`` (``eval_every``, or its default for that data)."""
+        if self.eval_every is not None:
+            return self.eval_every
+        if data == "digits":
+            return DIGITS_EVAL_EVERY
+        return FOLDER_EVAL_EVERY if self.inception_weights else 0
+
+
+DIGITS_EVAL_EVERY = 250
+FOLDER_EVAL_EVERY = 5000
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; ``dataclasses.asdict`` of it goes into every checkpoint."""
 
@@ -160,6 +198,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -183,7 +222,8 @@ class TrainConfig:
         return cls(**sections)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig,
+                              "eval": EvalConfig}
 # Fields of earlier versions (in configs that checkpoints hold): old name -> (field, conversion).
 _RENAMED: dict[str, dict[str, tuple[str, Any]]] = {
     "optim": {"bf16": ("precision", lambda bf16: "bf16" if bf16 else "fp32")},
@@ -268,5 +308,5 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig(**sections)
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
            "build_parser", "field_docs", "parse_config"]

@@ -11,9 +11,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -74,6 +77,11 @@ class RunLogger:
             shown = {k: f"{scalars[k]:.3f}" for k in ("loss_d", "loss_g") if k in scalars}
             self._bar.set_postfix(shown, refresh=False)
 
+    def image(self, tag: str, image: "np.ndarray", step: int) -> None:
+        """An (H, W, C) uint8 image (a sample grid) to TensorBoard's image tab."""
+        if self.enabled:
+            self._writer.add_image(tag, image, step, dataformats="HWC")
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)
@@ -110,6 +118,10 @@ class ScalarMeter:
     def add(self, stats: Mapping[str, torch.Tensor]) -> None:
         self.sums += torch.stack([stats[name] for name in self.names])
         self.count += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, say) out of the current interval's images/s."""
+        self.t0 += seconds
 
     def peek(self) -> dict[str, float]:
         """Means since the last read, without starting a new interval (one sync)."""

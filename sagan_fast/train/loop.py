@@ -32,6 +32,7 @@ from .distributed import (DistInfo, all_gather_objects, barrier, broadcast_buffe
                           wrap_ddp)
 from .ema import EMA
 from .errors import Diverged, together
+from .evaluation import RunEvaluation
 from .logging import RunLogger, ScalarMeter
 from .observe import fixed_noise, model_scalars, newest_samples, save_samples
 from .runfolder import RunFolder
@@ -56,6 +57,8 @@ class TrainResult:
     """Training throughput (all processes) over the last log interval."""
     start_step: int = 0
     """The step this call started at (the checkpoint's, or 0)."""
+    scores: dict[str, float] | None = None
+    """The last evaluation's scores (rank 0), if the run evaluated."""
     stopped_by: int | None = None
     """The signal (SIGINT, SIGTERM) that ended the run before --steps, after a checkpoint of the
     step it was in; None: the run got to --steps."""
@@ -88,6 +91,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                 logger.message(line)
         noise = fixed_noise(cfg, info.device)
         meter = ScalarMeter(STAT_NAMES, info.device, state.step)
+        evaluation = RunEvaluation(cfg, info, state, logger)
         try:
             with StopRequest(info) as stop:
                 while state.step < cfg.run.steps:
@@ -104,10 +108,10 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                     if last or step % cfg.run.log_every == 0:
                         result.images_per_s = log_step(cfg, state, meter, gan_step, logger, info)
                     if info.is_main and (last or step % cfg.run.sample_every == 0):
-                        result.last_samples = save_samples(state.ema.model, noise, out, step)
-                    metrics = evaluate(cfg, state, info)
-                    if metrics:
-                        logger.log(step, metrics)
+                        result.last_samples, grid = save_samples(state.ema.model, noise, out, step)
+                        logger.image("samples/ema", grid, step)
+                    if evaluation.due(step, last):
+                        result.scores = evaluation(state, meter)
                     saved = last or step % cfg.run.ckpt_every == 0
                     if saved:
                         result.last_checkpoint = save_checked(cfg, state, meter, gan_step, info)
@@ -191,6 +195,12 @@ def banner(cfg: TrainConfig, info: DistInfo, state: TrainState, resumed: Resumed
     lines = [f"train: {device}, {torch.get_num_threads()} CPU thread(s), {info.world_size} process(es); "
              f"G {size(state.G)} parameters, D {size(state.D)}; data: {state.batches.describe()}; "
              f"run folder {cfg.run.out}"]
+    every = cfg.eval.every(cfg.data.data)
+    judge = "the digits judge" if cfg.data.data == "digits" else "Inception"
+    lines.append(f"train: evaluating the EMA generator every {every} steps ({cfg.eval.eval_samples} samples, "
+                 f"{judge}{', Inception' if cfg.eval.inception_weights and cfg.data.data == 'digits' else ''})"
+                 if every else "train: no evaluation (--eval-every 0, or an image folder without "
+                 "--inception-weights)")
     steps = cfg.run.steps
     if resumed is None:
         lines.append(f"train: starting at step 0 of {steps}")
@@ -263,10 +273,3 @@ def save_checked(cfg: TrainConfig, state: TrainState, meter: ScalarMeter, gan_st
     checkpoint must not be pruned for a bad one."""
     check_health(cfg, state, meter.peek(), gan_step, info)
     return ckpt.save_training_state(cfg, state, info)
-
-
-def evaluate(cfg: TrainConfig, state: TrainState, info: DistInfo) -> dict[str, float]:
-    """Quality metrics of the EMA generator (``state.ema.model``) due at ``state.step``, logged with
-    the step: the one place the loop evaluates. None are due yet: issue 11 adds FID and
-    digit-classifier scores here, every N steps."""
-    return {}

@@ -3,7 +3,6 @@ spectral-norm sigma statistics."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..images import grid_labels, image_grid, save_image, to_uint8
 from ..nn.spectral_norm import spectral_norm_sigmas
 from .config import TrainConfig
 
@@ -43,47 +43,22 @@ def model_scalars(G: nn.Module, D: nn.Module) -> dict[str, float]:
 
 
 def fixed_noise(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sample grid's noise: the same for every step of a run (its own generator); labels cycle
-    through the classes of a conditional model."""
+    """The sample grid's noise: the same for every step of a run (its own generator); a conditional
+    model's grid shows one class per row (see :func:`~sagan_fast.images.grid_labels`)."""
     g = torch.Generator().manual_seed(cfg.run.seed)
     z = torch.randn(cfg.run.n_samples, cfg.model.z_dim, generator=g).to(device)
-    n_classes = cfg.model.n_classes
-    y = (torch.arange(cfg.run.n_samples) % n_classes).to(device) if n_classes > 0 else None
-    return z, y
-
-
-def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8, black padding."""
-    b, c, h, w = images.shape
-    rows = math.ceil(b / nrow)
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[i]
-    return grid.permute(1, 2, 0).to(torch.uint8).numpy()
-
-
-def save_image_grid(images: torch.Tensor, path: Path) -> None:
-    """PNG written atomically (a viewer never sees half a file)."""
-    from PIL import Image
-
-    arr = image_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])))
-    img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    y, _ = grid_labels(cfg.run.n_samples, cfg.model.n_classes)
+    return z, None if y is None else y.to(device)
 
 
 @torch.no_grad()
 def save_samples(G: nn.Module, noise: tuple[torch.Tensor, torch.Tensor | None], out: str | os.PathLike,
-                 step: int) -> Path:
-    """The grid ``G`` (the EMA generator, in eval mode) makes from ``noise``, as samples/step_N.png."""
-    path = Path(out) / SAMPLES_DIR / f"step_{step:08d}.png"
-    save_image_grid(G(*noise), path)
-    return path
+                 step: int) -> tuple[Path, np.ndarray]:
+    """The grid ``G`` (the EMA generator, in eval mode) makes from ``noise``, written as
+    samples/step_N.png; returns its path and the (H, W, C) uint8 grid."""
+    z, y = noise
+    grid = image_grid(to_uint8(G(z, y)), grid_labels(len(z), G.n_classes)[1])
+    return save_image(grid, Path(out) / SAMPLES_DIR / f"step_{step:08d}.png"), grid
 
 
 def newest_samples(out: str | os.PathLike, up_to_step: int) -> Path | None:
