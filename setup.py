@@ -25,9 +25,10 @@ setup(
     package_data={"sagan_fast": ["py.typed", "metrics/digits_classifier.pt"]},
     python_requires=">=3.10",
     # A range, not a pin: the torch already installed (CPU 2.13 here, CUDA 2.11 on GPU boxes)
-    # satisfies it, so pip never swaps it for a multi-GB download. torchmetrics computes FID/KID/IS.
+    # satisfies it, so pip never swaps it for a multi-GB download. torchmetrics computes FID/KID/IS;
+    # matplotlib draws a run's metrics.png.
     install_requires=["torch>=2.5", "numpy", "tqdm", "tensorboard", "pillow", "scikit-learn",
-                      "torchmetrics>=1.0"],
+                      "torchmetrics>=1.0", "matplotlib"],
     extras_require={
         "test": ["pytest>=8"],
         "bench": ["matplotlib", "nvidia-ml-py"],
