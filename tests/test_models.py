@@ -178,6 +178,23 @@ def test_config_rebuilds_the_same_model():
     assert count_parameters(G2) == count_parameters(G) == sum(p.numel() for p in G.parameters())
 
 
+def test_config_holds_every_constructor_argument_as_called():
+    """``model.config`` is read from the signature (each keyword spelled once): every parameter is
+    in it, with the value of this call, defaults included, and rebuilding from it is equal."""
+    import inspect
+
+    for cls, extra in ((Generator, {"z_dim": 5}), (Discriminator, {})):
+        model = cls(32, ch=2, attn_resolution=None, init="xavier", sn_impl="torch", **extra)
+        params = [n for n in inspect.signature(cls).parameters]
+        assert list(model.config) == params, cls.__name__
+        for name in params:
+            default = inspect.signature(cls).parameters[name].default
+            expected = dict(resolution=32, ch=2, attn_resolution=None, init="xavier", sn_impl="torch",
+                            **extra).get(name, default)
+            assert model.config[name] == expected, (cls.__name__, name)
+        assert cls(**model.config).config == model.config
+
+
 def test_from_config_builds_what_the_keywords_build():
     cfg = ModelConfig(resolution=64, ch=2, z_dim=Z_DIM, n_classes=3, attn_resolution=16, init="xavier")
     torch.manual_seed(2)
