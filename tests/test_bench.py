@@ -103,3 +103,7 @@ def test_gpu_check_script_dry_run_lists_every_step(tmp_path):
                                                      "bench_attention", "bench_spectral_norm", "ctest",
                                                      "bench_train_step"]
     assert "bench/attention.py --quick --json" in proc.stdout and "kernel_resources.py" in proc.stdout
+    # The background jobs (resources report, CMake build) are cut at the budget too: the waits for
+    # them cannot carry the run past its 8 minutes.
+    background = [line for line in proc.stdout.splitlines() if "background" in line]
+    assert len(background) == 2 and all("(timeout 470s)" in line for line in background), background
