@@ -1,9 +1,14 @@
 """What the compiler says about every kernel on Hopper (sm_90), with no GPU: registers, spills,
 shared memory, warp-group MMA (wgmma) and the widest global load of each variant.
 
-    python bench/kernel_resources.py                    # every variant (~520, ~10 min cold on 2 cores)
+    python bench/kernel_resources.py                    # every variant (~490, ~10 min cold on 2 cores)
     python bench/kernel_resources.py --ci               # what CI checks (tests/test_kernel_resources.py)
     python bench/kernel_resources.py --json out.json --jobs 4 --no-cuda
+
+The report is that of the installed Triton (its ptxas and flags). To see what another version
+compiles, e.g. the GPU machine's triton 3.6 (whose ptxas 12.8 spills on tiles 3.8's does not):
+``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR`` (the compile
+cache is keyed by the Triton version). The CUDA rows come from the nvcc on PATH.
 
 Triton kernels are compiled with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` exactly
 as the JIT specializes them at launch: the arguments come from the host wrappers' own launch plans
