@@ -53,7 +53,9 @@ class Timing:
 
 def _timing(samples: list[float], device: torch.device) -> Timing:
     samples = sorted(samples)
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
+    # "inclusive": quantiles within the samples (the default "exclusive" method extrapolates past
+    # the smallest / largest of a few samples: a p20 below zero from 3 CPU samples).
+    q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) >= 2 else [samples[0]] * 4
     t = Timing(statistics.median(samples), q[0], q[3], len(samples))
     t.noisy = t.spread > NOISY_SPREAD.get(device.type, 0.25)
     return t

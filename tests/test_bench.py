@@ -38,6 +38,15 @@ def test_time_interleaved_rotates_the_order_and_keeps_every_sample():
     assert t["b"].p20_ms <= t["b"].median_ms <= t["b"].p80_ms
 
 
+def test_spread_stays_within_the_samples():
+    """p20 / p80 of a few samples lie between the fastest and the slowest (the --quick CPU rows have
+    3: extrapolated quantiles printed 13.6 ms [-1.31-180])."""
+    from bench.common import _timing
+    for samples in ([0.6, 13.6, 180.0], [1.0, 2.0], [5.0, 1.0, 2.0, 9.0, 3.0]):
+        t = _timing(samples, CPU)
+        assert min(samples) <= t.p20_ms <= t.median_ms <= t.p80_ms <= max(samples), (samples, t)
+
+
 def test_noisy_flag_and_consistency():
     durations = iter([0.0] + [1, 20, 1, 20, 1, 20] * 2)
 
