@@ -116,3 +116,28 @@ def test_gpu_check_script_dry_run_lists_every_step(tmp_path):
     # them cannot carry the run past its 8 minutes.
     background = [line for line in proc.stdout.splitlines() if "background" in line]
     assert len(background) == 2 and all("(timeout 470s)" in line for line in background), background
+
+
+def test_spectral_norm_bench_times_every_implementation_in_the_same_rounds(tmp_path, monkeypatch):
+    """bench/spectral_norm.py: the copy, every implementation's forward and its parts in one set
+    of interleaved rounds, the backwards in another; every row has its spread and flags."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / "spectral_norm.py"
+    spec = importlib.util.spec_from_file_location("bench_spectral_norm_timing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    groups = []
+
+    def recording(fns, **kwargs):
+        groups.append(sorted(fns))
+        return time_interleaved(fns, **kwargs)
+    monkeypatch.setattr(bench, "time_interleaved", recording)
+    out = tmp_path / "sn.json"
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
+                       "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 0
+    assert groups == [["copy|fwd", "reference|fwd", "reference|normalize", "reference|power iteration",
+                       "torch|fwd"], ["reference|bwd", "torch|bwd"]]
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "bwd_ms" in r]
+    assert [r["impl"] for r in timed] == ["torch parametrization", "sagan_fast reference"]
+    assert all(r["fwd_spread"] and r["bwd_spread"] and r["status"].startswith("ok") for r in timed)
