@@ -133,8 +133,8 @@ def test_spectral_norm_bench_times_every_implementation_in_the_same_rounds(tmp_p
         return time_interleaved(fns, **kwargs)
     monkeypatch.setattr(bench, "time_interleaved", recording)
     out = tmp_path / "sn.json"
-    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
-                       "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 0
     assert groups == [["copy|fwd", "reference|fwd", "reference|normalize", "reference|power iteration",
                        "torch|fwd"], ["reference|bwd", "torch|bwd"]]
     rows = json.loads(out.read_text())["rows"]
