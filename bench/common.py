@@ -53,7 +53,9 @@ class Timing:
 
 def _timing(samples: list[float], device: torch.device) -> Timing:
     samples = sorted(samples)
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
+    # "inclusive": quantiles within the samples (the default "exclusive" method extrapolates past
+    # the smallest / largest of a few samples: a p20 below zero from 3 CPU samples).
+    q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) >= 2 else [samples[0]] * 4
     t = Timing(statistics.median(samples), q[0], q[3], len(samples))
     t.noisy = t.spread > NOISY_SPREAD.get(device.type, 0.25)
     return t
@@ -95,15 +97,15 @@ def time_fn(fn: Callable[[], object], *, device: torch.device, warmup_ms: float 
                             cpu_reps=cpu_reps)["fn"]
 
 
-def consistency_flag(fwd: Timing | None, bwd: Timing | None, fwd_bwd: Timing | None,
-                     tolerance: float = 0.5) -> str | None:
+def consistency_flag(fwd: Timing | None, bwd: Timing | None, fwd_bwd: Timing | None, tolerance: float = 0.5,
+                     names: tuple[str, str, str] = ("fwd", "bwd", "fwd+bwd")) -> str | None:
     """A note when fwd + bwd (timed apart) and fwd+bwd (timed together) differ by more than
-    ``tolerance`` of the larger, else None."""
+    ``tolerance`` of the larger, else None. ``names``: how the three figures are called."""
     if fwd is None or bwd is None or fwd_bwd is None:
         return None
     parts, whole = fwd.median_ms + bwd.median_ms, fwd_bwd.median_ms
     if abs(parts - whole) > tolerance * max(parts, whole):
-        return f"INCONSISTENT: fwd + bwd = {parts:.3g} ms vs fwd+bwd {whole:.3g} ms"
+        return f"INCONSISTENT: {names[0]} + {names[1]} = {parts:.3g} ms vs {names[2]} {whole:.3g} ms"
     return None
 
 

@@ -1,9 +1,14 @@
 """What the compiler says about every kernel on Hopper (sm_90), with no GPU: registers, spills,
 shared memory, warp-group MMA (wgmma) and the widest global load of each variant.
 
-    python bench/kernel_resources.py                    # every variant (~520, ~10 min cold on 2 cores)
+    python bench/kernel_resources.py                    # every variant (~490, ~10 min cold on 2 cores)
     python bench/kernel_resources.py --ci               # what CI checks (tests/test_kernel_resources.py)
     python bench/kernel_resources.py --json out.json --jobs 4 --no-cuda
+
+The report is that of the installed Triton (its ptxas and flags). To see what another version
+compiles, e.g. the GPU machine's triton 3.6 (whose ptxas 12.8 spills on tiles 3.8's does not):
+``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR`` (the compile
+cache is keyed by the Triton version). The CUDA rows come from the nvcc on PATH.
 
 Triton kernels are compiled with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` exactly
 as the JIT specializes them at launch: the arguments come from the host wrappers' own launch plans
@@ -105,11 +110,15 @@ class _Pointer:
 
 def _specialize(kernel, args: tuple, kwargs: dict):
     """(signature, constexprs, attrs, options) exactly as JITFunction.run computes them."""
+    from triton import knobs
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
     backend = make_backend(HOPPER)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     args = tuple(_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args)
+    # The options JITFunction.run adds to every launch (triton 3.6 and 3.8 alike).
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization,
                                                               options)
@@ -174,18 +183,6 @@ def parse_ptxas_log(log: str) -> dict[str, dict]:
     return out
 
 
-def _ptxas_rerun(ptx: str) -> str:
-    """ptxas -v on Triton's PTX with Triton's flags (used when Triton served the cubin from its cache)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        proc = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                               "--gpu-name=sm_90a", str(src), "-o", str(src.with_suffix(".o"))],
-                              capture_output=True, text=True, check=True)
-    return proc.stdout + proc.stderr
-
-
 def compile_variant(v: Variant, cache: dict) -> dict:
     """Compile one variant for sm_90 (or take it from ``cache``) and return its report row."""
     from triton import knobs
@@ -198,18 +195,21 @@ def compile_variant(v: Variant, cache: dict) -> dict:
         return dict(row, **cache[key], cached=True)
     log = io.StringIO()
     t0 = time.perf_counter()
-    old = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
+    # Always compile (never Triton's on-disk cache), so ptxas runs here, as the installed Triton
+    # calls it (its own ptxas and flags: 3.8 adds --regAllocOptLevel=2, 3.6 does not), and
+    # prints its resource usage.
+    old = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=HOPPER, options=options.__dict__)
     finally:
-        knobs.nvidia.dump_ptxas_log = old
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
     ptx = compiled.asm["ptx"]
-    text = log.getvalue()
-    if "Compiling entry function" not in text:   # Triton's own cache answered: ask ptxas again
-        text = _ptxas_rerun(ptx)
-    info = next(iter(parse_ptxas_log(text).values()))
+    parsed = parse_ptxas_log(log.getvalue())
+    if not parsed:
+        raise RuntimeError("triton.compile printed no ptxas resource usage (TRITON_DUMP_PTXAS_LOG)")
+    info = next(iter(parsed.values()))
     declared = {p.name for p in v.kernel.params if p.is_constexpr}
     result = dict(constexpr_args=[n for n, t in signature.items() if t == "constexpr" and n not in declared],
                   aligned_args=sum(1 for a in attrs.values() if ["tt.divisibility", 16] in a),

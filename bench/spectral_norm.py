@@ -22,6 +22,11 @@ path can be checked to normalize). What is timed, per implementation:
   forward of ``fuse_spectral_norms`` (every W / sigma in one call); also split into parts.
 - backward: dL/dW for every layer from random dL/dW_sn (``torch.autograd.backward``).
 
+Every figure is the median of interleaved rounds (``bench.common.time_interleaved``): per dtype,
+the copy baseline and every implementation's forward and its two parts run once per round, then
+every backward likewise; each with its p20-p80 spread, NOISY when wide, INCONSISTENT when the
+parts timed apart do not add up to the forward.
+
 dtypes: ``fp32``, ``bf16``, ``fp16`` weights, or ``amp-bf16`` / ``amp-fp16``: fp32 master
 weights with the forward under autocast, where a convolution needs W_sn in the autocast dtype:
 each implementation's W_sn is cast to it when it is not already (torch's parametrization: an
@@ -64,8 +69,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (Report, card_info, count_kernel_launches, default_device,  # noqa: E402
-                          peak_memory_mib, rel_error, say, time_fn)
+from bench.common import (Report, card_info, consistency_flag, count_kernel_launches,  # noqa: E402
+                          default_device, peak_memory_mib, rel_error, say, time_interleaved)
 from sagan_fast.nn import (SNConv2d, SNConvTranspose2d, SNLinear, assert_normalized,  # noqa: E402
                            fuse_spectral_norms, normalized_sigmas, spectral_norm, spectral_norm_layers,
                            spectral_norm_update_counts, update_spectral_norms)
@@ -158,10 +163,11 @@ def expected_w_sn(state) -> list[torch.Tensor]:
     return [reference.spectral_norm(w, u, v, dim=dim)[0] for w, u, v, dim in state]
 
 
-def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_dtype=None):
+def prepare_impl(impl, specs, device, dtype, amp_dtype=None) -> dict:
     """``impl``: "torch", a backend name (per-layer W / sigma), or "<backend>+fused" (all layers'
     W / sigma in one call, the model forward of ``fuse_spectral_norms``). ``amp_dtype``: the
-    forward runs under autocast and W_sn must end up in that dtype (cast when it is not)."""
+    forward runs under autocast and W_sn must end up in that dtype (cast when it is not).
+    Builds the weights and the timed closures and runs the forward once (the W_sn error)."""
     backend, fused = impl.split("+")[0], impl.endswith("+fused")
     model = build(backend, specs, device, dtype)
     if fused:
@@ -186,48 +192,59 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_d
 
     first = forward()
     err = max(rel_error(a, b) for a, b in zip(first, expected_w_sn(state)))
-    del first, state
-    timing = dict(device=device, warmup_ms=10 if args.quick else 25, rep_ms=50 if args.quick else 200,
-                  cpu_reps=3 if args.quick else 5)
-    t_fwd = time_fn(forward, **timing)
-    fwd_launches = count_kernel_launches(forward, device)
-    fwd_peak = peak_memory_mib(forward, device)
-    t_pi = time_fn(power_iteration, **timing) if ours else None
-    t_norm = time_fn(normalize, **timing) if ours else None
+    return dict(impl=impl, model=model, ours=ours, forward=forward, power_iteration=power_iteration,
+                normalize=normalize, err=err)
 
-    # The graph timed in backward must be built after the last update: u, v are saved for backward
-    # (as in training, where the update follows the optimizer step, after the last backward).
-    outs = forward()
+
+def prepare_backward(p: dict) -> None:
+    """The timed backward of ``p``: its graph is built after the last update (u, v are saved for
+    backward, as in training, where the update follows the optimizer step, after the last
+    backward), so nothing of this implementation may run a forward until it is timed."""
+    outs = p["forward"]()
     grads = [torch.randn_like(o) for o in outs]
 
     def backward():
         torch.autograd.backward(outs, grads, retain_graph=True)
+    p["backward"] = backward
 
-    t_bwd = time_fn(backward, **timing)
-    bwd_launches = count_kernel_launches(backward, device)
-    del outs, grads
+
+def finish_impl(p: dict, device, times: dict, dtype, amp_dtype, copy_gbps, traffic, report) -> None:
+    """Launch counts, the normalized check and the report row of a timed implementation."""
+    impl, model = p["impl"], p["model"]
+    bwd_launches = count_kernel_launches(p["backward"], device)
+    p.pop("backward")   # frees the kept graph
     # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8).
     assert_normalized(model, tol=0.02)
+    t_fwd, t_bwd = times[f"{impl}|fwd"], times[f"{impl}|bwd"]
+    t_pi, t_norm = times.get(f"{impl}|power iteration"), times.get(f"{impl}|normalize")
 
     def gbps(ms, nbytes):
         return nbytes / (ms * 1e-3) / 1e9
 
     fwd_bytes, bwd_bytes = traffic
+    flags = [f"{m} NOISY" for m, t in (("fwd", t_fwd), ("bwd", t_bwd), ("power iteration", t_pi),
+                                       ("normalize", t_norm)) if t is not None and t.noisy]
+    # fwd is the power iteration then the normalize: timed apart, they should add up to it.
+    inconsistent = consistency_flag(t_pi, t_norm, t_fwd, names=("power_iter", "normalize", "fwd"))
     report.add(impl="torch parametrization" if impl == "torch" else f"sagan_fast {impl}",
                dtype=_dtype_label(dtype, amp_dtype),
-               fwd_ms=t_fwd.median_ms, bwd_ms=t_bwd.median_ms,
+               fwd_ms=t_fwd.median_ms, fwd_spread=_spread(t_fwd), bwd_ms=t_bwd.median_ms,
+               bwd_spread=_spread(t_bwd),
                power_iter_ms=t_pi.median_ms if t_pi else None, normalize_ms=t_norm.median_ms if t_norm else None,
-               fwd_launches=fwd_launches, bwd_launches=bwd_launches,
+               fwd_launches=p["fwd_launches"], bwd_launches=bwd_launches,
                fwd_GBps=gbps(t_fwd.median_ms, fwd_bytes), bwd_GBps=gbps(t_bwd.median_ms, bwd_bytes),
                fwd_pct_of_copy=100 * gbps(t_fwd.median_ms, fwd_bytes) / copy_gbps,
                bwd_pct_of_copy=100 * gbps(t_bwd.median_ms, bwd_bytes) / copy_gbps,
-               fwd_peak_MiB=fwd_peak,
-               w_sn_rel_err_vs_fp64=err,
+               fwd_peak_MiB=p["fwd_peak"],
+               w_sn_rel_err_vs_fp64=p["err"],
                max_sigma_minus_1=max(abs(s - 1) for s in normalized_sigmas(model).values()),
-               fwd_p20_p80=f"{t_fwd.p20_ms:.3g}-{t_fwd.p80_ms:.3g}",
-               bwd_p20_p80=f"{t_bwd.p20_ms:.3g}-{t_bwd.p80_ms:.3g}")
-    say(f"  {impl:9s} {_dtype_label(dtype, amp_dtype)}: fwd {t_fwd.median_ms:.3f} ms, "
-        f"bwd {t_bwd.median_ms:.3f} ms, err {err:.2g}")
+               status="ok" + "".join(f"; {f}" for f in flags + ([inconsistent] if inconsistent else [])))
+    say(f"  {impl:12s} {_dtype_label(dtype, amp_dtype)}: fwd {t_fwd.fmt()}, bwd {t_bwd.fmt()}, "
+        f"err {p['err']:.2g}" + (f" [{inconsistent}]" if inconsistent else ""))
+
+
+def _spread(t) -> str | None:
+    return None if t is None else f"{t.p20_ms:.3g}-{t.p80_ms:.3g}"
 
 
 def _dtype_label(dtype: torch.dtype, amp_dtype: torch.dtype | None) -> str:
@@ -268,39 +285,70 @@ def timing_main(args, device: torch.device) -> int:
     say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, on {card['name']}")
     backends = available_backends(args.backends, device, report)
     failures = 0
+    timing = dict(device=device, warmup_ms=10 if args.quick else 25, rep_ms=50 if args.quick else 200,
+                  rounds=5, cpu_reps=3 if args.quick else 5)
     for dtype, amp_dtype in dtypes:
+        label = _dtype_label(dtype, amp_dtype)
         weight_bytes = numel * torch.empty((), dtype=dtype).element_size()
         traffic = traffic_bytes(numel, dtype, amp_dtype or dtype)
         src = torch.empty(numel, device=device, dtype=dtype).normal_()
         dst = torch.empty_like(src)
-        t_copy = time_fn(lambda: dst.copy_(src), device=device)
-        copy_gbps = 2 * weight_bytes / (t_copy.median_ms * 1e-3) / 1e9
-        del src, dst
-        report.add(impl="copy of the same bytes (on the device)", dtype=_dtype_label(dtype, amp_dtype),
-                   fwd_ms=t_copy.median_ms, fwd_GBps=copy_gbps)
-        say(f"  copy {dtype}: {copy_gbps:.0f} GB/s")
         impls = ["torch", *backends] + (["triton+fused"] if "triton" in backends else [])
+        prepared = []
         for impl in impls:
             try:
-                run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_dtype)
+                prepared.append(prepare_impl(impl, specs, device, dtype, amp_dtype))
             except Exception as exc:  # one broken backend must not hide the others' numbers
                 failures += 1
-                say(f"  {impl} {_dtype_label(dtype, amp_dtype)} FAILED: {exc!r}")
-                report.add(impl=f"sagan_fast {impl}", dtype=_dtype_label(dtype, amp_dtype),
-                           error=repr(exc)[:300])
-            if on_gpu:
-                torch.cuda.empty_cache()
+                say(f"  {impl} {label} FAILED: {exc!r}")
+                report.add(impl=f"sagan_fast {impl}", dtype=label, error=repr(exc)[:300])
+        # Every figure of this dtype in interleaved rounds (a load change on the machine hits all
+        # implementations alike): the copy, each forward and its parts; then each backward.
+        fns = {"copy|fwd": lambda: dst.copy_(src)}
+        for p in prepared:
+            fns[f"{p['impl']}|fwd"] = p["forward"]
+            if p["ours"]:
+                fns[f"{p['impl']}|power iteration"] = p["power_iteration"]
+                fns[f"{p['impl']}|normalize"] = p["normalize"]
+        times = time_interleaved(fns, **timing)
+        for p in prepared:
+            p["fwd_launches"] = count_kernel_launches(p["forward"], device)
+            p["fwd_peak"] = peak_memory_mib(p["forward"], device)
+        for p in prepared:
+            prepare_backward(p)
+        times.update(time_interleaved({f"{p['impl']}|bwd": p["backward"] for p in prepared}, **timing))
+        t_copy = times["copy|fwd"]
+        copy_gbps = 2 * weight_bytes / (t_copy.median_ms * 1e-3) / 1e9
+        del src, dst
+        report.add(impl="copy of the same bytes (on the device)", dtype=label, fwd_ms=t_copy.median_ms,
+                   fwd_spread=_spread(t_copy), fwd_GBps=copy_gbps,
+                   status="ok" + ("; fwd NOISY" if t_copy.noisy else ""))
+        say(f"  copy {label}: {copy_gbps:.0f} GB/s ({t_copy.fmt()})")
+        for p in prepared:
+            try:
+                finish_impl(p, device, times, dtype, amp_dtype, copy_gbps, traffic, report)
+            except Exception as exc:
+                failures += 1
+                say(f"  {p['impl']} {label} FAILED: {exc!r}")
+                report.add(impl=f"sagan_fast {p['impl']}", dtype=label, error=repr(exc)[:300])
+        del prepared
+        if on_gpu:
+            torch.cuda.empty_cache()
 
-    columns = ["impl", "dtype", "fwd_ms", "bwd_ms", "power_iter_ms", "normalize_ms", "fwd_launches",
-               "bwd_launches", "fwd_GBps", "bwd_GBps", "fwd_pct_of_copy", "bwd_pct_of_copy",
-               "fwd_peak_MiB", "w_sn_rel_err_vs_fp64", "max_sigma_minus_1", "error"]
+    columns = ["impl", "dtype", "fwd_ms", "fwd_spread", "bwd_ms", "bwd_spread", "power_iter_ms",
+               "normalize_ms", "fwd_launches", "bwd_launches", "fwd_GBps", "bwd_GBps", "fwd_pct_of_copy",
+               "bwd_pct_of_copy", "fwd_peak_MiB", "w_sn_rel_err_vs_fp64", "max_sigma_minus_1", "status",
+               "error"]
     table = report.markdown(columns)
     notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, n_classes={args.n_classes}), "
              f"{numel / 1e6:.2f} M weights. fwd = power iteration + W/sigma for every layer; GB/s for "
              "the bytes the semantics need (fwd: 4 reads of W + the W_sn write; bwd: 2 reads of G, a read "
              "of W, the dW write; autocast rows: W_sn and G in the autocast dtype); copy = device-to-device "
              "copy of the weight bytes (read + write); max_sigma_minus_1: |largest singular value of "
-             "W_sn - 1| after timing."
+             "W_sn - 1| after timing. ms: median of interleaved rounds (every implementation, the copy and "
+             "the forward's parts in the same rounds; the backwards in later ones), spread p20-p80, NOISY "
+             "when (p80 - p20) / median passes bench.common.NOISY_SPREAD, INCONSISTENT when power_iter + "
+             "normalize timed apart and fwd differ by > 50%."
              + ("" if on_gpu else " CPU run: not comparable with the GPU targets."))
     print(table + notes)
     path = report.save_json(args.json)

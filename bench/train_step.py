@@ -1,10 +1,9 @@
 """Whole SAGAN training step (one D update + one G update, hinge loss, TTUR Adam): ours against
 plain PyTorch steps of the same architecture, measured side by side in one run.
 
-Configurations (rows), each at every resolution and precision asked for:
-
-Every row is the one training step, ``sagan_fast.train.step.GANStep`` (the training loop's), with
-other options or on other models (``ROWS`` below):
+Configurations (rows), each at every resolution and precision asked for. Every row is the one
+training step, ``sagan_fast.train.step.GANStep`` (the training loop's), with other options or on
+other models (``ROWS`` below):
 
 - ``fast``: our models (fused SN, our attention op), the step's speed options on: bf16 autocast or
   fp32, channels_last, D once on cat([real, fake]), no D weight gradients in the G step,
@@ -26,11 +25,12 @@ normalize.
 
 Same models (same seed), same losses, same optimizers (Adam, lr 1e-4 / 4e-4, betas (0, 0.9);
 ``fused=True`` on CUDA for every row). fp32 rows allow TF32 (``torch.set_float32_matmul_precision
-("high")``, cuDNN's default) for every row alike. Columns: median ms per step, images/s (batch / step
-time: one D and one G update on ``--batch`` real images), peak MiB allocated over the whole
-measurement, models and optimizer state included (CUDA), kernels run per step (CUDA, torch.profiler), speedup against ``plain_sdpa`` and
-against the fastest plain row of the same size. For the CUDA-graph rows "launches" counts the
-kernels inside the graph: the CPU launches one graph per step.
+("high")``, cuDNN's default) for every row alike. Columns: median ms per step, images/s (batch /
+step time: one D and one G update on ``--batch`` real images), peak MiB allocated over the whole
+measurement, models and optimizer state included (CUDA), kernels run per step (CUDA,
+torch.profiler), speedup against ``plain_sdpa`` and against the fastest plain row of the same size.
+For the CUDA-graph rows "launches" counts the kernels inside the graph: the CPU launches one graph
+per step.
 
 ``--ddp``: the fast step under torchrun with 2 processes (nccl, one GPU each, when the machine has 2
 GPUs; else gloo on CPU): per-process images/s against 1 process. It launches itself through
@@ -143,7 +143,8 @@ def measure(config: str, resolution: int, precision: str, args, device: torch.de
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    G, D, opt_G, opt_D = build(config, resolution, args.ch, args.n_classes, args.attn_resolution or None, device)
+    G, D, opt_G, opt_D = build(config, resolution, args.ch, args.n_classes, args.attn_resolution or None,
+                               device)
     gen = torch.Generator(device=device).manual_seed(1)
     real = torch.rand(args.batch, 3, resolution, resolution, device=device, generator=gen) * 2 - 1
     y = torch.randint(args.n_classes, (args.batch,), device=device, generator=gen) if args.n_classes else None
@@ -201,7 +202,8 @@ def measure_data(resolution: int, batch: int, workers: int, device: torch.device
         rng = np.random.default_rng(0)
         n_images = max(2 * batch, 64)
         for i in range(n_images):
-            Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(src / f"{i}.png")
+            pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(src / f"{i}.png")
         t0 = time.perf_counter()
         prepare(src, Path(tmp) / "prepared", resolution, workers=min(workers, 4), quiet=True)
         prepare_s = time.perf_counter() - t0
@@ -243,7 +245,8 @@ def ddp_worker(args) -> None:
     G_ddp, D_ddp = wrap_ddp(G, info), wrap_ddp(D, info)  # the training loop's DDP settings
     precision = args.precisions[-1]
     step = GANStep(G_ddp, D_ddp, opt_G, opt_D, precision=precision, compile=use_cuda and args.compile)
-    real = (torch.rand(args.batch, 3, res, res, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    real = torch.rand(args.batch, 3, res, res, device=device) * 2 - 1
+    real = real.contiguous(memory_format=torch.channels_last)
     y = torch.randint(args.n_classes, (args.batch,), device=device) if args.n_classes else None
     for _ in range(args.warmup):
         step([(real, y)])
@@ -292,12 +295,14 @@ def run_ddp(args, argv: list[str], report: Report) -> None:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    str(Path(__file__).resolve())] + worker_args
             say(f"ddp: {' '.join(cmd)}")
-            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+            threads = os.environ.get("OMP_NUM_THREADS", "1")
+            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
             results.append(json.loads(out.read_text()))
         one = results[0]["images_per_s_per_process"]
         for r in results:
-            report.add(config=f"ddp_{r['processes']}proc", resolution=r["resolution"], precision=r["precision"],
-                       batch=r["batch"], ms_per_step=r["ms_per_step"], images_per_s=r["images_per_s_per_process"],
+            report.add(config=f"ddp_{r['processes']}proc", resolution=r["resolution"],
+                       precision=r["precision"], batch=r["batch"], ms_per_step=r["ms_per_step"],
+                       images_per_s=r["images_per_s_per_process"],
                        ddp_backend=r["backend"], ddp_device=r["device"],
                        ddp_efficiency=r["images_per_s_per_process"] / one)
 
@@ -305,10 +310,12 @@ def run_ddp(args, argv: list[str], report: Report) -> None:
 # --- main ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="GPU: 128 px, fewer configs; CPU: the tiny default")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--resolutions", default=None, help="comma-separated from 32,64,128 (default GPU 32,64,128; CPU 32)")
+    p.add_argument("--resolutions", default=None,
+                   help="comma-separated from 32,64,128 (default GPU 32,64,128; CPU 32)")
     p.add_argument("--precisions", default=None,
                    help="comma-separated from fp32,bf16 (default both; --quick on a GPU: bf16, the target's)")
     p.add_argument("--ch", type=int, default=None, help="width multiplier (default GPU 64, CPU 4)")
@@ -321,15 +328,19 @@ def parse_args(argv):
     p.add_argument("--cuda-graphs", action="store_true", help="also the fast_graphs(_compiled) rows")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile in the 'fast' row (default: on CUDA only)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, autotune, capture)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (compile, autotune, capture)")
     p.add_argument("--reps", type=int, default=5, help="timed steps on CPU (GPU: do_bench decides)")
     p.add_argument("--warmup-ms", type=float, default=200)
-    p.add_argument("--rep-ms", type=float, default=None, help="do_bench measuring time per row (default 1000, --quick 300)")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="do_bench measuring time per row (default 1000, --quick 300)")
     p.add_argument("--ddp", action="store_true", help="also the 1- vs 2-process DDP rows (torchrun)")
     p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-data", action="store_true", help="skip the input-pipeline row")
-    p.add_argument("--data-workers", type=int, default=None, help="loader workers (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--json", default=None, help="output path (default: bench/results/train_step-<card>-<time>.json)")
+    p.add_argument("--data-workers", type=int, default=None,
+                   help="loader workers (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--json", default=None,
+                   help="output path (default: bench/results/train_step-<card>-<time>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     gpu = device.type == "cuda"
@@ -355,7 +366,8 @@ def parse_args(argv):
             args.configs = ["fast", "plain_sdpa", "plain_cached_compiled" if gpu else "plain_cached"]
         else:
             args.configs = (["fast"] + (["fast_eager"] if gpu else [])
-                            + ["plain_sdpa", "plain_naive", "plain_cached"] + (["plain_cached_compiled"] if gpu else []))
+                            + ["plain_sdpa", "plain_naive", "plain_cached"]
+                            + (["plain_cached_compiled"] if gpu else []))
         if args.cuda_graphs and gpu:
             args.configs[1:1] = ["fast_graphs", "fast_graphs_compiled"]
     args.compile = gpu if args.compile is None else args.compile
@@ -375,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     card = card_info(device)
-    report = Report("train_step", card, {k: v for k, v in vars(args).items() if k not in ("ddp_worker", "device_type")})
+    settings = {k: v for k, v in vars(args).items() if k not in ("ddp_worker", "device_type")}
+    report = Report("train_step", card, settings)
     if device.type != "cuda":
-        say(f"no GPU: CPU run at small sizes ({card['name']}); these numbers say nothing about the GPU targets")
+        say(f"no GPU: CPU run at small sizes ({card['name']}); these numbers say nothing about the GPU "
+            "targets")
     for res in args.resolutions:
         for precision in args.precisions:
             for config in args.configs:
@@ -386,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     report.add(**measure(config, res, precision, args, device))
                 except Exception as exc:  # a failing baseline (e.g. compile of torch SN) is a result too
                     say(f"  {config} failed: {exc!r}"[:500])
-                    report.add(config=config, resolution=res, precision=precision, ch=args.ch, batch=args.batch,
-                               error=repr(exc)[:300])
+                    report.add(config=config, resolution=res, precision=precision, ch=args.ch,
+                               batch=args.batch, error=repr(exc)[:300])
     add_ratios([r for r in report.rows if "ms_per_step" in r])
     if not args.no_data:
         row = measure_data(args.resolutions[-1], args.batch, args.data_workers, device,

@@ -38,6 +38,15 @@ def test_time_interleaved_rotates_the_order_and_keeps_every_sample():
     assert t["b"].p20_ms <= t["b"].median_ms <= t["b"].p80_ms
 
 
+def test_spread_stays_within_the_samples():
+    """p20 / p80 of a few samples lie between the fastest and the slowest (the --quick CPU rows have
+    3: extrapolated quantiles printed 13.6 ms [-1.31-180])."""
+    from bench.common import _timing
+    for samples in ([0.6, 13.6, 180.0], [1.0, 2.0], [5.0, 1.0, 2.0, 9.0, 3.0]):
+        t = _timing(samples, CPU)
+        assert min(samples) <= t.p20_ms <= t.median_ms <= t.p80_ms <= max(samples), (samples, t)
+
+
 def test_noisy_flag_and_consistency():
     durations = iter([0.0] + [1, 20, 1, 20, 1, 20] * 2)
 
@@ -103,3 +112,32 @@ def test_gpu_check_script_dry_run_lists_every_step(tmp_path):
                                                      "bench_attention", "bench_spectral_norm", "ctest",
                                                      "bench_train_step"]
     assert "bench/attention.py --quick --json" in proc.stdout and "kernel_resources.py" in proc.stdout
+    # The background jobs (resources report, CMake build) are cut at the budget too: the waits for
+    # them cannot carry the run past its 8 minutes.
+    background = [line for line in proc.stdout.splitlines() if "background" in line]
+    assert len(background) == 2 and all("(timeout 470s)" in line for line in background), background
+
+
+def test_spectral_norm_bench_times_every_implementation_in_the_same_rounds(tmp_path, monkeypatch):
+    """bench/spectral_norm.py: the copy, every implementation's forward and its parts in one set
+    of interleaved rounds, the backwards in another; every row has its spread and flags."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / "spectral_norm.py"
+    spec = importlib.util.spec_from_file_location("bench_spectral_norm_timing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    groups = []
+
+    def recording(fns, **kwargs):
+        groups.append(sorted(fns))
+        return time_interleaved(fns, **kwargs)
+    monkeypatch.setattr(bench, "time_interleaved", recording)
+    out = tmp_path / "sn.json"
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 0
+    assert groups == [["copy|fwd", "reference|fwd", "reference|normalize", "reference|power iteration",
+                       "torch|fwd"], ["reference|bwd", "torch|bwd"]]
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if "bwd_ms" in r]
+    assert [r["impl"] for r in timed] == ["torch parametrization", "sagan_fast reference"]
+    assert all(r["fwd_spread"] and r["bwd_spread"] and r["status"].startswith("ok") for r in timed)

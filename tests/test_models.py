@@ -44,7 +44,8 @@ def test_shapes_every_resolution(resolution, n_classes):
 
 
 def _weight_layers(model):
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))]
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 # Expected weight-layer counts, derived by hand from the architecture (so a block that loses a layer,
@@ -62,7 +63,8 @@ D_WEIGHT_LAYERS = {32: 15, 64: 19, 128: 21, 256: 24}
 @pytest.mark.parametrize("resolution", [32, 64, 128, 256])
 def test_spectral_norm_on_every_conv_linear_embedding(resolution, sn_impl, n_classes):
     G, D = _models(resolution, n_classes, ch=1, sn_impl=sn_impl)
-    for model, expected in ((G, G_WEIGHT_LAYERS[resolution]), (D, D_WEIGHT_LAYERS[resolution] + (n_classes > 0))):
+    expected_layers = ((G, G_WEIGHT_LAYERS[resolution]), (D, D_WEIGHT_LAYERS[resolution] + (n_classes > 0)))
+    for model, expected in expected_layers:
         layers = _weight_layers(model)
         assert len(layers) == expected, f"{type(model).__name__}: {len(layers)} weight layers"
         for layer in layers:
@@ -176,6 +178,23 @@ def test_config_rebuilds_the_same_model():
     G2.load_state_dict(G.state_dict())
     D2.load_state_dict(D.state_dict())
     assert count_parameters(G2) == count_parameters(G) == sum(p.numel() for p in G.parameters())
+
+
+def test_config_holds_every_constructor_argument_as_called():
+    """``model.config`` is read from the signature (each keyword spelled once): every parameter is
+    in it, with the value of this call, defaults included, and rebuilding from it is equal."""
+    import inspect
+
+    for cls, extra in ((Generator, {"z_dim": 5}), (Discriminator, {})):
+        model = cls(32, ch=2, attn_resolution=None, init="xavier", sn_impl="torch", **extra)
+        params = [n for n in inspect.signature(cls).parameters]
+        assert list(model.config) == params, cls.__name__
+        for name in params:
+            default = inspect.signature(cls).parameters[name].default
+            expected = dict(resolution=32, ch=2, attn_resolution=None, init="xavier", sn_impl="torch",
+                            **extra).get(name, default)
+            assert model.config[name] == expected, (cls.__name__, name)
+        assert cls(**model.config).config == model.config
 
 
 def test_from_config_builds_what_the_keywords_build():

@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +66,106 @@ def test_no_import_cycles_in_the_package():
     graph = _import_graph()
     assert "sagan_fast.ops.attention" in graph and graph["sagan_fast.ops.attention"], "graph not built"
     assert _cycles(graph) == set()
+
+
+# --- the ops layer: inputs checked once, one accumulation-dtype rule --------------------------------
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls = []
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def _skip_unless_available(backend: str, op: str) -> None:
+    from sagan_fast.ops._backend import why_unavailable
+
+    reason = why_unavailable(backend, torch.device("cpu"), op)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_spectral_norm_ops_check_each_input_once_and_resolve_the_backend_once(monkeypatch, backend):
+    """The public entry checks every (weight, u, v) once and picks the backend once, also where a
+    multi-weight op falls back to one weight at a time (a non-contiguous weight; not triton)."""
+    from sagan_fast.ops import spectral_norm as S
+
+    _skip_unless_available(backend, S.OP_NORMALIZE)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(6, 5, generator=g), torch.randn(3, 4, 3, 3, generator=g),
+               torch.randn(7, 4, generator=g).t()]  # (4, 7), not contiguous
+    us = [torch.randn(w.shape[0], generator=g) for w in weights]
+    vs = [torch.randn(w[0].numel(), generator=g) for w in weights]
+    dims = [0] * len(weights)
+    checks = _count_calls(monkeypatch, S, "check_spectral_norm_inputs")
+    resolves = _count_calls(monkeypatch, S, "_resolve")
+    outs = S.spectral_norm_normalize_multi(weights, us, vs, dims, backend=backend)
+    assert (len(checks), len(resolves)) == (len(weights), 1)
+    checks.clear(), resolves.clear()
+    one = S.spectral_norm_normalize(weights[2], us[2], vs[2], backend=backend)
+    assert (len(checks), len(resolves)) == (1, 1)
+    torch.testing.assert_close(one, outs[2])
+    checks.clear(), resolves.clear()
+    S.spectral_norm_power_iteration_([w.contiguous() for w in weights], us, vs, dims, backend=backend)
+    assert (len(checks), len(resolves)) == (len(weights), 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_attention_checks_its_inputs_once(monkeypatch, backend):
+    from sagan_fast.ops import attention as A
+
+    _skip_unless_available(backend, A.OP_ATTENTION)
+    checks = _count_calls(monkeypatch, A, "check_attention_inputs")
+    resolves = _count_calls(monkeypatch, A, "resolve_backend")
+    limits = []
+    if backend == "triton":
+        import sagan_fast.ops.triton.attention as TA
+        limits = _count_calls(monkeypatch, TA, "check_backend_limits")
+    q, k, v = torch.randn(1, 8, 4), torch.randn(1, 8, 4), torch.randn(1, 8, 6)
+    A.sagan_attention(q, k, v, backend=backend)
+    assert (len(checks), len(resolves), len(limits)) == (1, 1, 1 if backend == "triton" else 0)
+
+
+def _picks_float64_or_float32(node: ast.AST) -> bool:
+    """``torch.float64 if ... else torch.float32`` (either way round): a copy of the rule."""
+    def dtype(n):
+        return n.attr if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) \
+            and n.value.id == "torch" else None
+    return isinstance(node, ast.IfExp) and {dtype(node.body), dtype(node.orelse)} == {"float64", "float32"}
+
+
+def test_the_accumulation_dtype_rule_is_written_once():
+    """Only ``ops._backend.accumulation_dtype`` decides what the ops accumulate in and return
+    statistics as; the backends call it (for one dtype or a list's) instead of spelling it."""
+    copies = []
+    for path in sorted((ROOT / "sagan_fast" / "ops").rglob("*.py")):
+        if path.name == "_backend.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            promote = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                       and node.func.attr == "promote_types")
+            if promote or _picks_float64_or_float32(node):
+                copies.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert copies == []
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_mixed_dtype_sigmas_follow_the_rule(backend):
+    from sagan_fast.ops import spectral_norm_power_iteration_
+    from sagan_fast.ops._backend import accumulation_dtype
+    from sagan_fast.ops.spectral_norm import OP_POWER_ITERATION
+
+    _skip_unless_available(backend, OP_POWER_ITERATION)
+    assert accumulation_dtype(torch.bfloat16) == accumulation_dtype() == torch.float32
+    assert accumulation_dtype(torch.float16, torch.float64, torch.float32) == torch.float64
+    weights = [torch.randn(4, 6), torch.randn(5, 3, dtype=torch.float64)]
+    us = [torch.randn(w.shape[0], dtype=w.dtype) for w in weights]
+    vs = [torch.randn(w.shape[1], dtype=w.dtype) for w in weights]
+    sigmas = spectral_norm_power_iteration_(weights, us, vs, [0, 0], backend=backend)
+    assert sigmas.dtype == accumulation_dtype(*(w.dtype for w in weights)) == torch.float64

@@ -54,16 +54,20 @@ step() {
     steps+=("$name $rc $secs $log")
 }
 
-# CPU-only, needs no build: the sm_90 resources of every Triton variant and CUDA kernel.
+# In the background from the start, each cut by `timeout` at the budget so that the waits below
+# cannot run past it: the sm_90 resources of the Triton variants CI checks (CPU only, with this
+# machine's Triton and ptxas: the GPU's own toolchain) and the CUDA kernels; the CMake build.
+resources_cmd=(python bench/kernel_resources.py --ci --jobs "$MAX_JOBS" --json "$OUT/kernel_resources.json")
+cmake_cmd=(bash -c "cmake -S . -B build/kernels-gpu -DCMAKE_CUDA_ARCHITECTURES='${arch}' \
+-DCMAKE_BUILD_TYPE=Release && cmake --build build/kernels-gpu -j '$MAX_JOBS'")
 if [[ "$DRY" == "0" ]]; then
-    python bench/kernel_resources.py --jobs "$MAX_JOBS" --json "$OUT/kernel_resources.json" \
-        > "$OUT/kernel_resources.log" 2>&1 &
+    timeout --kill-after=10 "$BUDGET" "${resources_cmd[@]}" > "$OUT/kernel_resources.log" 2>&1 &
     resources_pid=$!
-    cmake -S . -B build/kernels-gpu -DCMAKE_CUDA_ARCHITECTURES="${arch}" -DCMAKE_BUILD_TYPE=Release \
-        > "$OUT/cmake_build.log" 2>&1 && cmake --build build/kernels-gpu -j "$MAX_JOBS" >> "$OUT/cmake_build.log" 2>&1 &
+    timeout --kill-after=10 "$BUDGET" "${cmake_cmd[@]}" > "$OUT/cmake_build.log" 2>&1 &
     cmake_pid=$!
 else
-    echo "[dry run] background: bench/kernel_resources.py --json $OUT/kernel_resources.json; cmake build (archs ${arch})"
+    echo "[dry run] background (timeout ${BUDGET}s): ${resources_cmd[*]}"
+    echo "[dry run] background (timeout ${BUDGET}s): ${cmake_cmd[*]}"
 fi
 
 step build_extension 240 python -m pip install -q --no-build-isolation --no-deps -e .

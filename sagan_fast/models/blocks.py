@@ -65,7 +65,8 @@ class LayerFactory:
         return module
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Module:
-        return self.finish(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias))
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        return self.finish(conv)
 
     def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         return self.finish(nn.Linear(in_features, out_features, bias=bias))

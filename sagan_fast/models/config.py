@@ -11,8 +11,9 @@ No torch import here beyond what :mod:`sagan_fast.ops` needs, so the training co
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..ops._backend import BACKENDS
 
@@ -84,6 +85,13 @@ def check_int(field: str, value: Any, minimum: int) -> None:
 def check_choice(field: str, value: Any, choices: tuple, *, optional: bool = False) -> None:
     if not (value in choices or (optional and value is None)):
         fail(field, f"must be one of {choices}, got {value!r}")
+
+
+def call_arguments(function: Callable, values: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``function`` was called with, by the names of its parameters (``self`` left
+    out); ``values``: its ``locals()``, taken before any parameter is reassigned. What a model's
+    ``config`` holds, so its keyword arguments are spelled once (in the signature)."""
+    return {name: values[name] for name in inspect.signature(function).parameters if name != "self"}
 
 
 _MODEL_NAMES = {"G": "the generator", "D": "the discriminator",
@@ -174,6 +182,7 @@ class ModelConfig:
 
 __all__ = [
     "ATTENTION_IMPLS", "BACKENDS", "BOTTOM_RESOLUTION", "ConfigError", "D_ARCH", "G_CHANNEL_MULTIPLIERS",
-    "INITS", "ModelConfig", "PLAIN_ATTENTION_IMPLS", "RESOLUTIONS", "SN_IMPLS", "check_architecture",
+    "INITS", "ModelConfig", "PLAIN_ATTENTION_IMPLS", "RESOLUTIONS", "SN_IMPLS", "call_arguments",
+    "check_architecture",
     "discriminator_block_resolutions", "generator_block_resolutions",
 ]

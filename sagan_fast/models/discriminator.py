@@ -8,7 +8,8 @@ from torch import nn
 
 from ..nn.spectral_norm import fuse_spectral_norms
 from .blocks import DBlock, LayerFactory, check_condition, make_attention
-from .config import D_ARCH, ModelConfig, check_architecture, discriminator_block_resolutions
+from .config import (D_ARCH, ModelConfig, call_arguments, check_architecture,
+                     discriminator_block_resolutions)
 
 
 class Discriminator(nn.Module):
@@ -25,9 +26,7 @@ class Discriminator(nn.Module):
                  attention_backend: str | None = None, init: str = "ortho",
                  attention_impl: str = "sagan_fast", sn_backend: str | None = None) -> None:
         super().__init__()
-        self.config = dict(resolution=resolution, ch=ch, n_classes=n_classes, attn_resolution=attn_resolution,
-                           image_channels=image_channels, sn_impl=sn_impl, attention_backend=attention_backend,
-                           init=init, attention_impl=attention_impl, sn_backend=sn_backend)
+        self.config = call_arguments(Discriminator.__init__, locals())
         check_architecture("D", **self.config)
         self.resolution, self.n_classes, self.image_channels = resolution, n_classes, image_channels
         layers = LayerFactory(sn_impl, init, sn_backend=sn_backend)
@@ -37,7 +36,8 @@ class Discriminator(nn.Module):
         resolutions = discriminator_block_resolutions(resolution)
         for i, ((mult, down), res) in enumerate(zip(D_ARCH[resolution], resolutions)):
             out_channels = mult * ch
-            self.blocks.append(DBlock(in_channels, out_channels, layers, preactivation=i > 0, downsample=down))
+            self.blocks.append(DBlock(in_channels, out_channels, layers, preactivation=i > 0,
+                                      downsample=down))
             if attn_resolution and res == attn_resolution and self.attention is None:
                 self.attention = make_attention(out_channels, layers, attention_impl, attention_backend)
                 self.attention_after = i
@@ -54,9 +54,11 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         R, C = self.resolution, self.image_channels
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1:] != (C, R, R):
+        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4
+                or x.shape[1:] != (C, R, R)):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"Discriminator: x must be a float tensor of shape (B, {C}, {R}, {R}), got {shape}")
+            raise ValueError(f"Discriminator: x must be a float tensor of shape (B, {C}, {R}, {R}), "
+                             f"got {shape}")
         check_condition(y, x.shape[0], self.n_classes, "Discriminator")
         h = x
         for i, block in enumerate(self.blocks):

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..nn.spectral_norm import fuse_spectral_norms
 from .blocks import GBlock, LayerFactory, check_condition, make_attention
-from .config import (BOTTOM_RESOLUTION, G_CHANNEL_MULTIPLIERS, ModelConfig, check_architecture,
-                     generator_block_resolutions)
+from .config import (BOTTOM_RESOLUTION, G_CHANNEL_MULTIPLIERS, ModelConfig, call_arguments,
+                     check_architecture, generator_block_resolutions)
 
 
 class Generator(nn.Module):
@@ -32,10 +32,7 @@ class Generator(nn.Module):
                  attention_backend: str | None = None, init: str = "ortho",
                  attention_impl: str = "sagan_fast", sn_backend: str | None = None) -> None:
         super().__init__()
-        self.config = dict(resolution=resolution, ch=ch, z_dim=z_dim, n_classes=n_classes,
-                           attn_resolution=attn_resolution, image_channels=image_channels, sn_impl=sn_impl,
-                           attention_backend=attention_backend, init=init, attention_impl=attention_impl,
-                           sn_backend=sn_backend)
+        self.config = call_arguments(Generator.__init__, locals())
         check_architecture("G", **self.config)
         self.resolution, self.z_dim, self.n_classes = resolution, z_dim, n_classes
         layers = LayerFactory(sn_impl, init, sn_backend=sn_backend)
@@ -69,7 +66,8 @@ class Generator(nn.Module):
         raise KeyError("not a sagan_fast Generator state dict: no output_conv weight")
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim != 2 or z.shape[1] != self.z_dim:
+        if (not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim != 2
+                or z.shape[1] != self.z_dim):
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"Generator: z must be a float tensor of shape (B, {self.z_dim}), got {shape}")
         check_condition(y, z.shape[0], self.n_classes, "Generator")

@@ -24,10 +24,14 @@ ENV_VAR = "SAGAN_FAST_BACKEND"
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """What every backend accumulates in and returns statistics (sigma, logsumexp) as: float32 for
-    16- and 32-bit inputs, float64 for float64 (complex stays complex, at least complex64)."""
-    return torch.promote_types(dtype, torch.float32)
+    16- and 32-bit inputs, float64 for float64 (complex stays complex, at least complex64). For
+    several dtypes (the sigmas of a list of weights, returned as one tensor), the widest of theirs."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
 
 
 class BackendUnavailableError(RuntimeError):
@@ -132,7 +136,10 @@ def resolve_backend(backend: str | None, *tensors, op: str) -> str:
     return "reference"
 
 
-# Which compiled backend `auto` prefers for each op on CUDA tensors (measured in bench/).
-AUTO_ORDER: dict[str, tuple[str, ...]] = {}
-AUTO_ORDER.update(spectral_norm_power_iteration=("triton", "cuda"), spectral_norm_normalize=("triton", "cuda"))  # noqa: E501  (unmeasured: no GPU yet)
-AUTO_ORDER["sagan_attention"] = ("triton", "cuda")  # not yet measured side by side on a GPU
+# Which compiled backend `auto` prefers for each op on CUDA tensors, fastest first, to be set from
+# bench/ results. Not yet measured side by side on a GPU: Triton first for every op.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "spectral_norm_power_iteration": ("triton", "cuda"),
+    "spectral_norm_normalize": ("triton", "cuda"),
+    "sagan_attention": ("triton", "cuda"),
+}

@@ -32,7 +32,8 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"sagan_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"sagan_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"sagan_attention: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
     B, N, E = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"sagan_attention: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")

@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - the dispatcher checks availabil
     raise ImportError("sagan_fast.ops.cuda needs the compiled extension sagan_fast._C; build it with "
                       "`pip install -e . --no-build-isolation`") from exc
 
+from . import reference
 from ._backend import accumulation_dtype as _acc_dtype
 
 _ops = torch.ops.sagan_fast
@@ -36,9 +37,8 @@ _ops = torch.ops.sagan_fast
 
 @torch.library.register_fake("sagan_fast::ext_spectral_norm_power_iteration_")
 def _power_iteration_fake(weights, us, vs, dims, n_power_iterations, eps):
-    dtype = _acc_dtype(weights[0].dtype) if len(weights) else torch.float32
     device = weights[0].device if len(weights) else torch.device("cpu")
-    return torch.empty(len(weights), dtype=dtype, device=device)
+    return torch.empty(len(weights), dtype=_acc_dtype(*(w.dtype for w in weights)), device=device)
 
 
 @torch.library.register_fake("sagan_fast::ext_spectral_norm_normalize")
@@ -121,7 +121,7 @@ def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor]
     groups: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(weights):
         groups.setdefault(w.dtype, []).append(i)
-    out_dtype = torch.float64 if torch.float64 in groups else torch.float32
+    out_dtype = _acc_dtype(*groups)
     # Mixed dtypes: each group's sigmas are put back in order by one stack of device views (no
     # index tensor from host memory, so this is capture-safe too).
     ordered: list[torch.Tensor | None] = [None] * len(weights)
@@ -154,8 +154,8 @@ def _as_work_vector(vec: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
     """weight / (u . W v); backward ``dW = (G - <G, W_sn> u v^T) / sigma`` with u, v, sigma constant.
 
-    sigma is computed here, from this very weight (a matrix-vector product and a dot in the
-    accumulation dtype), and handed to the extension op, whose signature takes it.
+    sigma is computed here, from this very weight (the reference formula in the accumulation
+    dtype), and handed to the extension op, whose signature takes it.
     """
     u, v = u.detach(), v.detach()
     if u.dtype != weight.dtype:
@@ -164,8 +164,8 @@ def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) 
         v = v.to(weight.dtype)
     with torch.no_grad():
         acc = _acc_dtype(weight.dtype)
-        mat = weight.detach().movedim(dim, 0).reshape(weight.shape[dim], -1).to(acc)
-        sigma = torch.dot(u.to(acc), torch.mv(mat, v.to(acc)))
+        mat = reference.weight_to_matrix(weight.detach(), dim).to(acc)
+        sigma = reference.spectral_norm_sigma(mat, u.to(acc), v.to(acc))
     return _ops.ext_spectral_norm_normalize(weight, u, v, sigma, int(dim))
 
 

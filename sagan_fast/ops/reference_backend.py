@@ -37,4 +37,5 @@ def normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int) 
     """W / (u . W v), sigma from this weight, differentiated by autograd (u, v constants): torch's
     own formula (``torch.vdot(u, torch.mv(W, v))``, so complex weights work as in torch)."""
     mat = reference.weight_to_matrix(weight, dim)
-    return weight / reference.spectral_norm_sigma(mat, u.detach().to(weight.dtype), v.detach().to(weight.dtype))
+    u, v = u.detach().to(weight.dtype), v.detach().to(weight.dtype)
+    return weight / reference.spectral_norm_sigma(mat, u, v)

@@ -52,7 +52,8 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
                                where: str) -> int:
     """Clear errors before any launch; returns dim normalized to [0, ndim)."""
     if not isinstance(weight, torch.Tensor) or not _is_float_or_complex(weight):
-        raise TypeError(f"{where}: weight must be a floating-point or complex tensor, got {type(weight).__name__}"
+        raise TypeError(f"{where}: weight must be a floating-point or complex tensor, got "
+                        f"{type(weight).__name__}"
                         + (f" of dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else ""))
     if weight.ndim < 2:
         raise ValueError(f"{where}: weight must have at least 2 dimensions, got shape {tuple(weight.shape)}")
@@ -70,8 +71,9 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
         if vec.device != weight.device:
             raise ValueError(f"{where}: {name} is on {vec.device} but the weight is on {weight.device}")
         if not _is_float_or_complex(vec) or vec.is_complex() != weight.is_complex():
-            raise TypeError(f"{where}: {name} must be {'complex' if weight.is_complex() else 'floating point'} "
-                            f"like the weight ({weight.dtype}), got {vec.dtype}")
+            kind = "complex" if weight.is_complex() else "floating point"
+            raise TypeError(f"{where}: {name} must be {kind} like the weight ({weight.dtype}), got "
+                            f"{vec.dtype}")
     return dim
 
 
@@ -167,7 +169,13 @@ def spectral_norm_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tens
     """
     dim = check_spectral_norm_inputs(weight, u, v, dim, "spectral_norm_normalize")
     out_dtype = _check_out_dtype(weight, out_dtype, "spectral_norm_normalize")
-    name = _resolve(backend, [weight, u, v], OP_NORMALIZE)
+    return _normalize_checked(weight, u, v, dim, out_dtype, _resolve(backend, [weight, u, v], OP_NORMALIZE))
+
+
+def _normalize_checked(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int,
+                       out_dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """:func:`spectral_norm_normalize` on inputs its public entry checked (``dim`` in [0, ndim),
+    ``out_dtype`` from :func:`_check_out_dtype`) by the resolved backend ``name``."""
     module = backend_module(name, "spectral_norm")
     with _no_autocast(weight.device.type):
         if name == "triton":
@@ -199,7 +207,7 @@ def spectral_norm_normalize_multi(weights: Sequence[torch.Tensor], us: Sequence[
     if name == "triton" and all(w.is_contiguous() for w in weights):
         with _no_autocast(weights[0].device.type):
             return backend_module(name, "spectral_norm").normalize_multi(weights, us, vs, dims, out_dtypes)
-    return [spectral_norm_normalize(w, u, v, dim=d, backend=name, out_dtype=o)
+    return [_normalize_checked(w, u, v, d, o, name)
             for w, u, v, d, o in zip(weights, us, vs, dims, out_dtypes)]
 
 

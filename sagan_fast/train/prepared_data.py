@@ -103,7 +103,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, 
                         images[count] = item
                         count += 1
                 if not quiet:
-                    print(f"\rprepared {count + len(skipped)}/{len(files)}", end="", file=sys.stderr, flush=True)
+                    print(f"\rprepared {count + len(skipped)}/{len(files)}", end="", file=sys.stderr,
+                          flush=True)
         finally:
             if pool:
                 pool.shutdown()
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.dst}: {index['count']} images at {index['resolution']} px, {index['skipped']} unreadable skipped")
+    print(f"{args.dst}: {index['count']} images at {index['resolution']} px, {index['skipped']} unreadable "
+          "skipped")
     return 0
 
 

@@ -875,7 +875,7 @@ def _power_iteration_impl(weights, us, vs, dims, n_power_iterations, eps) -> tor
     # Non-contiguous weights (channels_last convs) are read from a contiguous copy: correct, one
     # extra pass; the kernels index the (A, B, C) view of contiguous storage.
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
-    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    out_dtype = _acc_dtype(*(w.dtype for w in weights))
     groups: dict[tuple, list[int]] = {}
     for i, (w, u, v) in enumerate(zip(weights, us, vs)):
         groups.setdefault((w.dtype, u.dtype, v.dtype), []).append(i)
@@ -896,8 +896,7 @@ def _power_iteration_op(weights: list[torch.Tensor], us: list[torch.Tensor], vs:
 
 @_power_iteration_op.register_fake
 def _(weights, us, vs, dims, n_power_iterations, eps):
-    dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
-    return weights[0].new_empty(len(weights), dtype=dtype)
+    return weights[0].new_empty(len(weights), dtype=_acc_dtype(*(w.dtype for w in weights)))
 
 
 def power_iteration_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor],
