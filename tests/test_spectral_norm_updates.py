@@ -220,6 +220,32 @@ def test_data_writes_same_result_on_every_backend_until_marked():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["per-layer", "fused"])
+def test_double_backward_through_the_normalization(fused, backend, monkeypatch):
+    """create_graph=True (Hessian-vector products, penalties on weight gradients) differentiates
+    the normalization's backward: the kernels' closed form is not differentiable, so the backward
+    runs as plain ops then (the cuda backend gave silently wrong second derivatives, triton's fused
+    path too, its per-layer op raised); a plain backward still runs the kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(5, 12), backend=backend), nn.Unflatten(1, (3, 2, 2)), nn.Tanh(),
+                          spectral_norm(nn.ConvTranspose2d(3, 2, 2), backend=backend)).double()  # dim 1
+    if fused:
+        fuse_spectral_norms(model)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model(x)
+    weights = tuple(w for w, _ in sn_weights(model))
+    assert torch.autograd.gradgradcheck(lambda *w: model(x), weights)
+    calls = []
+    real = reference.spectral_norm_normalize_grad
+    monkeypatch.setattr(reference, "spectral_norm_normalize_grad", lambda *a: calls.append(1) or real(*a))
+    model(x).square().sum().backward()
+    assert calls == [] or backend == "reference", "a plain backward must run the kernels"
+    grads = torch.autograd.grad(model(x).square().sum(), weights, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    assert backend == "reference" or len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_of_the_weight_in_training_mode(backend):
     """torch's own check (its test_new_spectral_norm): gradcheck perturbs the weight through .data,
     so the layer does not iterate and W_sn = W / (u . W v) is a fixed function of W."""

@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - the dispatcher checks availabil
     raise ImportError("sagan_fast.ops.cuda needs the compiled extension sagan_fast._C; build it with "
                       "`pip install -e . --no-build-isolation`") from exc
 
+from . import reference
 from ._backend import accumulation_dtype as _acc_dtype
 
 _ops = torch.ops.sagan_fast
@@ -80,6 +81,8 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _normalize_backward(ctx, grad):
     weight, u, v, sigma = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+        return reference.spectral_norm_normalize_grad(grad, weight, u, v, ctx.dim), None, None, None, None
     grad_weight = _ops.ext_spectral_norm_normalize_backward(grad.contiguous(), weight, u, v, sigma, ctx.dim)
     return grad_weight, None, None, None, None
 
