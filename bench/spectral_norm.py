@@ -66,9 +66,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (Report, card_info, count_kernel_launches, default_device,  # noqa: E402
                           peak_memory_mib, rel_error, say, time_fn)
-from sagan_fast.nn import (SNConv2d, SNConvTranspose2d, SNLinear, assert_normalized,  # noqa: E402
-                           fuse_spectral_norms, normalized_sigmas, spectral_norm, spectral_norm_layers,
-                           spectral_norm_update_counts, update_spectral_norms)
+from sagan_fast.nn import (SNConv2d, SNConvTranspose2d, SNLinear, SpectralNormError,  # noqa: E402
+                           assert_normalized, fuse_spectral_norms, normalized_sigmas, spectral_norm,
+                           spectral_norm_layers, spectral_norm_update_counts, update_spectral_norms)
 from sagan_fast.ops import reference  # noqa: E402
 from sagan_fast.ops._backend import why_unavailable  # noqa: E402
 from sagan_fast.ops.spectral_norm import OP_NORMALIZE, OP_POWER_ITERATION  # noqa: E402
@@ -140,7 +140,24 @@ def build(impl: str, specs, device, dtype, seed: int = 0) -> _AllWeights:
         else:
             spectral_norm(h, dim=dim, backend=impl)
         holders.append(h)
-    return _AllWeights(holders).train()
+    model = _AllWeights(holders).train()
+    scramble_vectors(model, seed)
+    return model
+
+
+@torch.no_grad()
+def scramble_vectors(model: nn.Module, seed: int) -> None:
+    """Random unit u and v for every SN layer (the same draws for every implementation): the
+    registration's 15 warm-up iterations leave u, v converged for these gapped weights, which never
+    change while timed, so W_sn would be normalized even if the timed path skipped its power
+    iterations. From here only the timed path's own iterations bring it to 1."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if hasattr(m, "parametrizations"):
+            sn = m.parametrizations.weight[0]
+            for vec in (sn._u, sn._v):
+                r = torch.randn(vec.shape, generator=gen, dtype=torch.float64)
+                vec.copy_(r / r.norm())
 
 
 def snapshot(model: _AllWeights, specs):
@@ -169,7 +186,10 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_d
     state = snapshot(model, specs)
     ours = impl != "torch"
 
+    iterations = [0]  # power iterations the timed path asked for (ours), to check they all ran
+
     def power_iteration():
+        iterations[0] += 1
         update_spectral_norms(model, force=True, check_finite=False)
 
     def normalize():
@@ -206,8 +226,14 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_d
     t_bwd = time_fn(backward, **timing)
     bwd_launches = count_kernel_launches(backward, device)
     del outs, grads
-    # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8).
+    # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8), by power
+    # iterations the timed path really ran (u, v started random): one per layer per timed update.
     assert_normalized(model, tol=0.02)
+    if ours:
+        counts = spectral_norm_update_counts(model)
+        if set(counts.values()) != {iterations[0]}:
+            raise SpectralNormError(f"the timed path asked for {iterations[0]} power iterations per layer "
+                                    f"but the layers ran {sorted(set(counts.values()))}: it skipped some")
 
     def gbps(ms, nbytes):
         return nbytes / (ms * 1e-3) / 1e9

@@ -684,17 +684,71 @@ def normalized_sigmas(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def _residual_tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`power_iteration_residuals` value a layer whose u, v come from a power
+    iteration on its current weight can show: rounding of the reductions (fp32 / fp64: 1e-4, two
+    orders of magnitude above what the kernels give at SAGAN-128 sizes) or of u, v stored in 16 bits
+    (4 eps). One skipped update after an Adam step of lr 1e-4 leaves 1e-3 to 1e-2."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+@torch.no_grad()
+def power_iteration_residuals(model: nn.Module) -> dict[str, float]:
+    """``|| v - normalize(W^H u) ||`` for every SN layer of ours in ``model`` that its next
+    training-mode forward will *not* update (it saw its weight's last change), keyed like
+    :func:`normalized_sigmas`; float64.
+
+    A power iteration ends with ``v = normalize(W^H u)``, so for u, v computed from the current
+    weight this is 0 up to rounding, however far the iteration is from converged. A weight changed
+    after its layer's last update without the layer seeing it (an update skipped: an optimizer or
+    write the update mechanism missed, a ``.data`` write not followed by
+    :func:`mark_weights_changed`) shows here at first order in the change, where the sigma of W_sn
+    (:func:`normalized_sigmas`) moves only at second order. Layers whose next
+    training forward updates them anyway (a change seen, or marked) are left out.
+    """
+    out = {}
+    for name, pname, sn, weight in _sn_entries(model):
+        if not isinstance(sn, SpectralNorm) or sn.is_stale(weight) or weight.device.type == "meta":
+            continue
+        mat = reference.weight_to_matrix(weight.detach(), sn.dim)
+        dtype = torch.promote_types(mat.dtype, torch.float64)
+        u, v = sn._u.to(dtype), sn._v.to(dtype)
+        v_next = F.normalize(torch.mv(mat.to(dtype).H, u), dim=0, eps=sn.eps)
+        out[f"{name}.{pname}" if name else pname] = float((v - v_next).norm().cpu())
+    return out
+
+
 def assert_normalized(models: nn.Module | Iterable[nn.Module], tol: float = 0.02) -> None:
-    """Raise :class:`SpectralNormError` unless every SN weight's :func:`normalized_sigmas` is within
-    ``tol`` (relative) of 1: what every benchmark checks after timing a training step."""
-    bad = {}
+    """Raise :class:`SpectralNormError` unless every SN weight is normalized: what every benchmark
+    checks after timing a training step.
+
+    Two checks: every weight's :func:`normalized_sigmas` is within ``tol`` (relative) of 1, and every
+    layer of ours whose next training forward would not update it has u, v from a power iteration
+    on its current weight (:func:`power_iteration_residuals` at most 1e-4 for fp32 / fp64 weights,
+    4 eps for 16-bit ones). The second catches a skipped update exactly, including the early steps of
+    a run, where one power iteration per step has not yet converged (so the first needs a ``tol``
+    loose enough for that: torch's spectral norm is as far from 1 then) and a skipped update still
+    leaves sigma within it.
+    """
+    bad, stale = {}, {}
     for i, model in enumerate([models] if isinstance(models, nn.Module) else list(models)):
         for name, s in normalized_sigmas(model).items():
             if not abs(s - 1.0) <= tol:
                 bad[f"model{i}:{name}"] = round(s, 4)
+        dtypes = {f"{n}.{p}" if n else p: w.dtype for n, p, _, w in _sn_entries(model)}
+        for name, r in power_iteration_residuals(model).items():
+            if not r <= _residual_tolerance(dtypes[name]):
+                stale[f"model{i}:{name}"] = float(f"{r:.3g}")
+    problems = []
     if bad:
-        raise SpectralNormError(f"spectral norm did not normalize {len(bad)} weight(s) (largest singular "
-                                f"value of W_sn, expected 1 +- {tol}): {bad}")
+        problems.append(f"spectral norm did not normalize {len(bad)} weight(s) (largest singular value of "
+                        f"W_sn, expected 1 +- {tol}): {bad}")
+    if stale:
+        problems.append(f"{len(stale)} weight(s) changed after their last power iteration without their "
+                        "layer seeing it (an update was skipped; after a write through .data call "
+                        f"mark_weights_changed): || v - normalize(W^H u) || = {stale}")
+    if problems:
+        raise SpectralNormError("; ".join(problems))
 
 
 def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | None = None) -> dict:
