@@ -104,7 +104,8 @@ def gapped_weight(shape, dim: int, generator: torch.Generator, dtype=torch.float
     a = torch.randn(rows, generator=generator, dtype=torch.float64)
     b = torch.randn(cols, generator=generator, dtype=torch.float64)
     mat = torch.outer(a / a.norm(), b / b.norm())
-    mat += 0.25 * torch.randn(rows, cols, generator=generator, dtype=torch.float64) / (rows ** 0.5 + cols ** 0.5)
+    noise = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    mat += 0.25 * noise / (rows ** 0.5 + cols ** 0.5)
     return reference.matrix_to_weight_shape(mat, shape, dim).contiguous().to(dtype)
 
 
@@ -242,7 +243,8 @@ def run_impl(impl, specs, device, dtype, args, copy_gbps, traffic, report, amp_d
     report.add(impl="torch parametrization" if impl == "torch" else f"sagan_fast {impl}",
                dtype=_dtype_label(dtype, amp_dtype),
                fwd_ms=t_fwd.median_ms, bwd_ms=t_bwd.median_ms,
-               power_iter_ms=t_pi.median_ms if t_pi else None, normalize_ms=t_norm.median_ms if t_norm else None,
+               power_iter_ms=t_pi.median_ms if t_pi else None,
+               normalize_ms=t_norm.median_ms if t_norm else None,
                fwd_launches=fwd_launches, bwd_launches=bwd_launches,
                fwd_GBps=gbps(t_fwd.median_ms, fwd_bytes), bwd_GBps=gbps(t_bwd.median_ms, bwd_bytes),
                fwd_pct_of_copy=100 * gbps(t_fwd.median_ms, fwd_bytes) / copy_gbps,
@@ -291,7 +293,8 @@ def timing_main(args, device: torch.device) -> int:
                                                  device=str(device)))
     if not on_gpu:
         say(f"NOTE: no GPU: CPU numbers at ch={ch}, not comparable with the GPU targets")
-    say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, on {card['name']}")
+    say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, "
+        f"on {card['name']}")
     backends = available_backends(args.backends, device, report)
     failures = 0
     for dtype, amp_dtype in dtypes:
@@ -321,7 +324,8 @@ def timing_main(args, device: torch.device) -> int:
                "bwd_launches", "fwd_GBps", "bwd_GBps", "fwd_pct_of_copy", "bwd_pct_of_copy",
                "fwd_peak_MiB", "w_sn_rel_err_vs_fp64", "max_sigma_minus_1", "error"]
     table = report.markdown(columns)
-    notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, n_classes={args.n_classes}), "
+    notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, "
+             f"n_classes={args.n_classes}), "
              f"{numel / 1e6:.2f} M weights. fwd = power iteration + W/sigma for every layer; GB/s for "
              "the bytes the semantics need (fwd: 4 reads of W + the W_sn write; bwd: 2 reads of G, a read "
              "of W, the dW write; autocast rows: W_sn and G in the autocast dtype); copy = device-to-device "
@@ -358,7 +362,8 @@ def _table_model(backend: str | None, device: torch.device, linear_only: bool) -
                               make(SNLinear, nn.Linear, 24, 8, bias=False))
     else:
         model = nn.Sequential(make(SNConv2d, nn.Conv2d, 3, 8, 3, padding=1), nn.Tanh(),
-                              make(SNConvTranspose2d, nn.ConvTranspose2d, 8, 4, 4, stride=2, padding=1), nn.Tanh(),
+                              make(SNConvTranspose2d, nn.ConvTranspose2d, 8, 4, 4, stride=2, padding=1),
+                              nn.Tanh(),
                               nn.Flatten(), make(SNLinear, nn.Linear, 4 * 8 * 8, 8))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -485,8 +490,8 @@ def update_table_main(args, device: torch.device) -> int:
                        ok="yes" if ok else "NO")
             say(f"  {name:9s} {form:22s} {backend:9s} sigma {sigma:.5f} (torch {torch_sigma:.5f}) "
                 f"updates/step {per_step:.2f} {time.perf_counter() - t0:.1f}s")
-    columns = ["optimizer", "form", "backend", "steps", "sigma_W_sn", "torch_sn_sigma", "updates_per_step", "ok",
-               "error"]
+    columns = ["optimizer", "form", "backend", "steps", "sigma_W_sn", "torch_sn_sigma", "updates_per_step",
+               "ok", "error"]
     table = report.markdown(columns)
     notes = (f"\n\nsigma_W_sn: largest singular value of the W_sn the next training forward uses, after "
              f"{steps} steps (worst of the model's SN layers); torch_sn_sigma: the same with "
@@ -663,7 +668,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="--update-table: optimizer steps")
     parser.add_argument("--hook-reps", type=int, default=2000, help="--hook-cost: timed steps")
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--ch", type=int, default=None, help="channel multiplier (default 64 on GPU, 8 on CPU)")
+    parser.add_argument("--ch", type=int, default=None,
+                        help="channel multiplier (default 64 on GPU, 8 on CPU)")
     parser.add_argument("--n-classes", type=int, default=1000)
     parser.add_argument("--json", default=None, help="output path (default: bench/results/...)")
     args = parser.parse_args(argv)

@@ -147,7 +147,8 @@ def test_new_spectral_norm_load_state_dict(activate_times, backend, swap):
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):
         snm.load_state_dict(loose, strict=True)
     snm.load_state_dict(loose, strict=False)
-    for key in ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v"):
+    for key in ("parametrizations.weight.original", "parametrizations.weight.0._u",
+                "parametrizations.weight.0._v"):
         del loose[key]
         snm.load_state_dict(loose, strict=False)
     loose["weight"] = snm.weight.detach().clone()  # W as a buffer

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagan_fast.nn import (SpectralNormError, assert_normalized, fuse_spectral_norms, load_spectral_norm_state,
-                           mark_weights_changed, normalized_sigmas, power_iteration_residuals, spectral_norm,
-                           spectral_norm_layers, spectral_norm_state, update_spectral_norms)
+from sagan_fast.nn import (SpectralNormError, assert_normalized, fuse_spectral_norms,
+                           load_spectral_norm_state, mark_weights_changed, normalized_sigmas,
+                           power_iteration_residuals, spectral_norm, spectral_norm_layers,
+                           spectral_norm_state, update_spectral_norms)
 from sagan_fast.ops import reference
-from tests.sn_cases import (AVAILABLE_BACKENDS, BACKENDS, give_spectral_gap_, make_optimizer, next_forward_sigmas,
-                            optimizer_forms, sn_model, sn_weights, train, update_counts)
+from tests.sn_cases import (AVAILABLE_BACKENDS, BACKENDS, give_spectral_gap_, make_optimizer,
+                            next_forward_sigmas, optimizer_forms, sn_model, sn_weights, train, update_counts)
 from tests.utils import assert_close_report, requires_cuda
 
 STEPS = 50
@@ -207,12 +208,14 @@ def test_data_writes_same_result_on_every_backend_until_marked():
         give_spectral_gap_(model)
         model(x)
         _data_write(model)
-        w_sns[backend] = [m.weight.detach().clone() for m in model.modules() if hasattr(m, "parametrizations")]
+        w_sns[backend] = [m.weight.detach().clone() for m in model.modules()
+                          if hasattr(m, "parametrizations")]
         outs[backend] = model(x).detach()
         assert update_counts(model) == [1, 1, 1], "a .data write is invisible: no update yet"
         for (w, dim), (sn, _), w_sn in zip(sn_weights(model), spectral_norm_layers(model), w_sns[backend]):
             mat = reference.weight_to_matrix(w.detach().double(), dim)
-            expected = w.detach().double() / reference.spectral_norm_sigma(mat, sn._u.double(), sn._v.double())
+            sigma = reference.spectral_norm_sigma(mat, sn._u.double(), sn._v.double())
+            expected = w.detach().double() / sigma
             assert_close_report(w_sn, expected, atol=2e-6, rtol=2e-5, name=f"{backend} W / (u.W v)")
         assert mark_weights_changed(model) == 3
         model(x)
@@ -282,8 +285,8 @@ def test_double_backward_through_the_normalization(fused, backend, monkeypatch):
     runs as plain ops then (the cuda backend gave silently wrong second derivatives, triton's fused
     path too, its per-layer op raised); a plain backward still runs the kernels."""
     torch.manual_seed(0)
-    model = nn.Sequential(spectral_norm(nn.Linear(5, 12), backend=backend), nn.Unflatten(1, (3, 2, 2)), nn.Tanh(),
-                          spectral_norm(nn.ConvTranspose2d(3, 2, 2), backend=backend)).double()  # dim 1
+    model = nn.Sequential(spectral_norm(nn.Linear(5, 12), backend=backend), nn.Unflatten(1, (3, 2, 2)),
+                          nn.Tanh(), spectral_norm(nn.ConvTranspose2d(3, 2, 2), backend=backend)).double()
     if fused:
         fuse_spectral_norms(model)
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -512,10 +515,11 @@ def test_bench_update_table_and_hook_cost_run(tmp_path, capsys):
     import json
     bench = _bench()
     out = tmp_path / "table.json"
-    assert bench.main(["--update-table", "--device", "cpu", "--backends", "reference", "--optimizers", "Adam,LBFGS",
-                       "--json", str(out)]) == 0
+    assert bench.main(["--update-table", "--device", "cpu", "--backends", "reference",
+                       "--optimizers", "Adam,LBFGS", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["optimizer"], r["form"]) for r in rows} >= {("Adam", "fused"), ("Adam", "foreach"), ("LBFGS", "default")}
+    assert {(r["optimizer"], r["form"]) for r in rows} >= {("Adam", "fused"), ("Adam", "foreach"),
+                                                           ("LBFGS", "default")}
     assert all(r["ok"] == "yes" and r["updates_per_step"] == "1.00" for r in rows), rows
     assert bench.main(["--hook-cost", "--device", "cpu", "--backends", "reference", "--hook-reps", "20"]) == 0
     assert "| reference |" in capsys.readouterr().out
@@ -525,8 +529,8 @@ def test_bench_timing_ends_normalized(tmp_path):
     import json
     bench = _bench()
     out = tmp_path / "timing.json"
-    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
-                       "--n-classes", "0", "--dtypes", "fp32,amp-bf16", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32,amp-bf16", "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if "max_sigma_minus_1" in r]
     assert len(rows) == 4 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)
     assert {r["dtype"] for r in rows} == {"float32", "float32 W, autocast bfloat16"}
@@ -541,8 +545,8 @@ def test_bench_timing_fails_when_the_timed_path_skips_power_iterations(tmp_path,
     monkeypatch.setattr(bench, "update_spectral_norms",
                         lambda model, force=False, check_finite=None: real(model, check_finite=check_finite))
     out = tmp_path / "timing.json"
-    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
-                       "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 1
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 1
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert "error" not in rows["torch parametrization"]
     assert "SpectralNormError" in rows["sagan_fast reference"]["error"]

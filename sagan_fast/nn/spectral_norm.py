@@ -33,6 +33,12 @@ call: :func:`mark_weights_changed` (the next training forward then runs the powe
 Until then the layer keeps its u, v, and every backend normalizes the written weight by its own
 u . W v with those u, v: no backend divides a weight by a sigma computed from another weight.
 
+Checking a training loop: a power iteration ends with v = normalize(W^H u), so
+:func:`power_iteration_residuals` is 0 (up to rounding) for every layer whose u, v were computed
+from its current weight, and not for a layer whose update was skipped or whose weight was written
+through ``.data`` without the call; :func:`assert_normalized`, which every benchmark runs at its
+end, checks that and the largest singular value of every W_sn.
+
 Every forward between two updates reuses u and v: D on real and then on fake before one backward,
 or G under no_grad and then with grad, all see the same normalized weight, and nothing saved for
 backward is modified in place.
@@ -51,10 +57,10 @@ two launches forward, two backward, for the whole model), which the layers use d
 forward. Under torch.compile, and for a layer called on its own, each layer normalizes its own
 weight; a fused layer called on its own *inside a compiled region* trusts its model's last check
 (the optimizer hook still updates it; after another kind of write call
-:func:`update_spectral_norms` on the model). Which layers: every parametrization whose weight has 2+ dims; 1-D weights are normalized
-exactly by their own forward, as torch. Non-contiguous weights (channels_last convs) work, at the
-cost of a contiguous copy, and leave the model-level normalize to the per-layer path. Complex
-weights work as in torch (sigma = u^H W v), on the reference backend.
+:func:`update_spectral_norms` on the model). Which layers: every parametrization whose weight has
+2+ dims; 1-D weights are normalized exactly by their own forward, as torch. Non-contiguous weights
+(channels_last convs) work, at the cost of a contiguous copy, and leave the model-level normalize to
+the per-layer path. Complex weights work as in torch (sigma = u^H W v), on the reference backend.
 
 Autocast: a layer whose module autocast runs in lower precision (convolutions, linear layers;
 not embeddings) gets its W_sn straight in the autocast dtype when autocast is on for the weight's
@@ -377,7 +383,8 @@ def _map_optimizer(optimizer: torch.optim.Optimizer, sizes: tuple) -> list[tuple
         weight = _raw_weight(sn)
         if weight is not None:
             by_id.setdefault(id(weight), []).append(sn)  # a list: a weight tied into several layers
-    pairs = [(p, sn) for group in optimizer.param_groups for p in group["params"] for sn in by_id.get(id(p), ())]
+    pairs = [(p, sn) for group in optimizer.param_groups for p in group["params"]
+             for sn in by_id.get(id(p), ())]
     _OPTIMIZER_MAPS[optimizer] = (_GENERATION, sizes, pairs)
     return pairs
 
@@ -783,7 +790,8 @@ def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | N
         prefix, _, tensor_name = base.rpartition(".")
         new_base = f"{prefix + '.' if prefix else ''}parametrizations.{tensor_name}"
         suffix = key[len(base):]
-        out[{"_orig": f"{new_base}.original", "_u": f"{new_base}.0._u", "_v": f"{new_base}.0._v"}[suffix]] = value
+        out[{"_orig": f"{new_base}.original", "_u": f"{new_base}.0._u",
+             "_v": f"{new_base}.0._v"}[suffix]] = value
     for base in bases:
         if base + "_v" in state_dict:
             continue
@@ -829,5 +837,6 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if plist[0] is sn:
         _adopt(sn, plist)
     sn.mark_stale()
-    object.__setattr__(sn, "_n_updates", 0)  # counted from here: the registration's evaluation is not an update
+    # Counted from here: the registration's evaluation is not an update.
+    object.__setattr__(sn, "_n_updates", 0)
     return module

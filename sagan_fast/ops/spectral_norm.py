@@ -9,7 +9,10 @@ Two ops, split where the math splits:
   weight it normalizes, so a weight written behind the power iteration's back (``.data``, C++) is
   still divided by its own u . W v, identically on every backend. ``out_dtype`` writes W_sn in
   another floating dtype (the autocast dtype for fp32 master weights: the gradient still goes to
-  the weight, in its dtype); the triton backend writes it directly, the others cast.
+  the weight, in its dtype); the triton backend writes it directly, the others cast. A backward
+  that is itself differentiated (``create_graph=True``) runs as plain differentiable ops on every
+  backend (:func:`sagan_fast.ops.reference.spectral_norm_normalize_grad`); an ordinary one runs
+  the backend's kernels.
 
 Each backend module (``reference_backend``, ``triton.spectral_norm``, ``cuda``; see
 :func:`sagan_fast.ops.backend_modules.backend_module`) provides
@@ -52,7 +55,8 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
                                where: str) -> int:
     """Clear errors before any launch; returns dim normalized to [0, ndim)."""
     if not isinstance(weight, torch.Tensor) or not _is_float_or_complex(weight):
-        raise TypeError(f"{where}: weight must be a floating-point or complex tensor, got {type(weight).__name__}"
+        raise TypeError(f"{where}: weight must be a floating-point or complex tensor, "
+                        f"got {type(weight).__name__}"
                         + (f" of dtype {weight.dtype}" if isinstance(weight, torch.Tensor) else ""))
     if weight.ndim < 2:
         raise ValueError(f"{where}: weight must have at least 2 dimensions, got shape {tuple(weight.shape)}")
@@ -70,7 +74,8 @@ def check_spectral_norm_inputs(weight: torch.Tensor, u: torch.Tensor, v: torch.T
         if vec.device != weight.device:
             raise ValueError(f"{where}: {name} is on {vec.device} but the weight is on {weight.device}")
         if not _is_float_or_complex(vec) or vec.is_complex() != weight.is_complex():
-            raise TypeError(f"{where}: {name} must be {'complex' if weight.is_complex() else 'floating point'} "
+            kind = "complex" if weight.is_complex() else "floating point"
+            raise TypeError(f"{where}: {name} must be {kind} "
                             f"like the weight ({weight.dtype}), got {vec.dtype}")
     return dim
 
