@@ -71,9 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (Report, card_info, consistency_flag, count_kernel_launches,  # noqa: E402
                           default_device, peak_memory_mib, rel_error, say, time_interleaved)
-from sagan_fast.nn import (SNConv2d, SNConvTranspose2d, SNLinear, assert_normalized,  # noqa: E402
-                           fuse_spectral_norms, normalized_sigmas, spectral_norm, spectral_norm_layers,
-                           spectral_norm_update_counts, update_spectral_norms)
+from sagan_fast.nn import (SNConv2d, SNConvTranspose2d, SNLinear, SpectralNormError,  # noqa: E402
+                           assert_normalized, fuse_spectral_norms, normalized_sigmas, spectral_norm,
+                           spectral_norm_layers, spectral_norm_update_counts, update_spectral_norms)
 from sagan_fast.ops import reference  # noqa: E402
 from sagan_fast.ops._backend import why_unavailable  # noqa: E402
 from sagan_fast.ops.spectral_norm import OP_NORMALIZE, OP_POWER_ITERATION  # noqa: E402
@@ -109,7 +109,8 @@ def gapped_weight(shape, dim: int, generator: torch.Generator, dtype=torch.float
     a = torch.randn(rows, generator=generator, dtype=torch.float64)
     b = torch.randn(cols, generator=generator, dtype=torch.float64)
     mat = torch.outer(a / a.norm(), b / b.norm())
-    mat += 0.25 * torch.randn(rows, cols, generator=generator, dtype=torch.float64) / (rows ** 0.5 + cols ** 0.5)
+    noise = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    mat += 0.25 * noise / (rows ** 0.5 + cols ** 0.5)
     return reference.matrix_to_weight_shape(mat, shape, dim).contiguous().to(dtype)
 
 
@@ -145,7 +146,24 @@ def build(impl: str, specs, device, dtype, seed: int = 0) -> _AllWeights:
         else:
             spectral_norm(h, dim=dim, backend=impl)
         holders.append(h)
-    return _AllWeights(holders).train()
+    model = _AllWeights(holders).train()
+    scramble_vectors(model, seed)
+    return model
+
+
+@torch.no_grad()
+def scramble_vectors(model: nn.Module, seed: int) -> None:
+    """Random unit u and v for every SN layer (the same draws for every implementation): the
+    registration's 15 warm-up iterations leave u, v converged for these gapped weights, which never
+    change while timed, so W_sn would be normalized even if the timed path skipped its power
+    iterations. From here only the timed path's own iterations bring it to 1."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if hasattr(m, "parametrizations"):
+            sn = m.parametrizations.weight[0]
+            for vec in (sn._u, sn._v):
+                r = torch.randn(vec.shape, generator=gen, dtype=torch.float64)
+                vec.copy_(r / r.norm())
 
 
 def snapshot(model: _AllWeights, specs):
@@ -175,7 +193,10 @@ def prepare_impl(impl, specs, device, dtype, amp_dtype=None) -> dict:
     state = snapshot(model, specs)
     ours = impl != "torch"
 
+    iterations = [0]  # power iterations the timed path asked for (ours), to check they all ran
+
     def power_iteration():
+        iterations[0] += 1
         update_spectral_norms(model, force=True, check_finite=False)
 
     def normalize():
@@ -193,7 +214,7 @@ def prepare_impl(impl, specs, device, dtype, amp_dtype=None) -> dict:
     first = forward()
     err = max(rel_error(a, b) for a, b in zip(first, expected_w_sn(state)))
     return dict(impl=impl, model=model, ours=ours, forward=forward, power_iteration=power_iteration,
-                normalize=normalize, err=err)
+                normalize=normalize, err=err, iterations=iterations)
 
 
 def prepare_backward(p: dict) -> None:
@@ -213,8 +234,15 @@ def finish_impl(p: dict, device, times: dict, dtype, amp_dtype, copy_gbps, traff
     impl, model = p["impl"], p["model"]
     bwd_launches = count_kernel_launches(p["backward"], device)
     p.pop("backward")   # frees the kept graph
-    # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8).
+    # What was timed must really be normalized (bf16 weights: W_sn is rounded to 2^-8), by power
+    # iterations the timed path really ran (u, v started random): one per layer per timed update.
     assert_normalized(model, tol=0.02)
+    if p["ours"]:
+        asked = p["iterations"][0]
+        counts = spectral_norm_update_counts(model)
+        if set(counts.values()) != {asked}:
+            raise SpectralNormError(f"the timed path asked for {asked} power iterations per layer "
+                                    f"but the layers ran {sorted(set(counts.values()))}: it skipped some")
     t_fwd, t_bwd = times[f"{impl}|fwd"], times[f"{impl}|bwd"]
     t_pi, t_norm = times.get(f"{impl}|power iteration"), times.get(f"{impl}|normalize")
 
@@ -282,7 +310,8 @@ def timing_main(args, device: torch.device) -> int:
                                                  device=str(device)))
     if not on_gpu:
         say(f"NOTE: no GPU: CPU numbers at ch={ch}, not comparable with the GPU targets")
-    say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, on {card['name']}")
+    say(f"SAGAN-{args.resolution} G+D, ch={ch}: {len(specs)} SN layers, {numel / 1e6:.2f} M weights, "
+        f"on {card['name']}")
     backends = available_backends(args.backends, device, report)
     failures = 0
     timing = dict(device=device, warmup_ms=10 if args.quick else 25, rep_ms=50 if args.quick else 200,
@@ -340,7 +369,8 @@ def timing_main(args, device: torch.device) -> int:
                "bwd_pct_of_copy", "fwd_peak_MiB", "w_sn_rel_err_vs_fp64", "max_sigma_minus_1", "status",
                "error"]
     table = report.markdown(columns)
-    notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, n_classes={args.n_classes}), "
+    notes = (f"\n\n{len(specs)} SN layers of SAGAN-{args.resolution} G+D (ch={ch}, "
+             f"n_classes={args.n_classes}), "
              f"{numel / 1e6:.2f} M weights. fwd = power iteration + W/sigma for every layer; GB/s for "
              "the bytes the semantics need (fwd: 4 reads of W + the W_sn write; bwd: 2 reads of G, a read "
              "of W, the dW write; autocast rows: W_sn and G in the autocast dtype); copy = device-to-device "
@@ -380,7 +410,8 @@ def _table_model(backend: str | None, device: torch.device, linear_only: bool) -
                               make(SNLinear, nn.Linear, 24, 8, bias=False))
     else:
         model = nn.Sequential(make(SNConv2d, nn.Conv2d, 3, 8, 3, padding=1), nn.Tanh(),
-                              make(SNConvTranspose2d, nn.ConvTranspose2d, 8, 4, 4, stride=2, padding=1), nn.Tanh(),
+                              make(SNConvTranspose2d, nn.ConvTranspose2d, 8, 4, 4, stride=2, padding=1),
+                              nn.Tanh(),
                               nn.Flatten(), make(SNLinear, nn.Linear, 4 * 8 * 8, 8))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -507,8 +538,8 @@ def update_table_main(args, device: torch.device) -> int:
                        ok="yes" if ok else "NO")
             say(f"  {name:9s} {form:22s} {backend:9s} sigma {sigma:.5f} (torch {torch_sigma:.5f}) "
                 f"updates/step {per_step:.2f} {time.perf_counter() - t0:.1f}s")
-    columns = ["optimizer", "form", "backend", "steps", "sigma_W_sn", "torch_sn_sigma", "updates_per_step", "ok",
-               "error"]
+    columns = ["optimizer", "form", "backend", "steps", "sigma_W_sn", "torch_sn_sigma", "updates_per_step",
+               "ok", "error"]
     table = report.markdown(columns)
     notes = (f"\n\nsigma_W_sn: largest singular value of the W_sn the next training forward uses, after "
              f"{steps} steps (worst of the model's SN layers); torch_sn_sigma: the same with "
@@ -685,7 +716,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="--update-table: optimizer steps")
     parser.add_argument("--hook-reps", type=int, default=2000, help="--hook-cost: timed steps")
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--ch", type=int, default=None, help="channel multiplier (default 64 on GPU, 8 on CPU)")
+    parser.add_argument("--ch", type=int, default=None,
+                        help="channel multiplier (default 64 on GPU, 8 on CPU)")
     parser.add_argument("--n-classes", type=int, default=1000)
     parser.add_argument("--json", default=None, help="output path (default: bench/results/...)")
     args = parser.parse_args(argv)

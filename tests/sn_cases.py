@@ -30,7 +30,8 @@ BACKENDS = [
 ]
 
 
-def sn_model(backend: str | None, *, linear_only: bool = False, seed: int = 0, torch_sn: bool = False) -> nn.Module:
+def sn_model(backend: str | None, *, linear_only: bool = False, seed: int = 0,
+             torch_sn: bool = False) -> nn.Module:
     """Three SN layers (conv, transposed conv: dim 1, linear), 4x4x3 input -> 8 outputs; or two
     bias-free linears (``linear_only``: Muon takes 2-D parameters only). ``torch_sn``: the same
     model (same draws) with torch's parametrization instead of ours."""

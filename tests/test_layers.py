@@ -188,12 +188,14 @@ def test_layers_are_exported_and_behave_like_torch_layers():
 # Drop-in frictions: backend=, BigGAN's conditioning vector, the attention map
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls, args", [(SNLinear, (8, 4)), (SNConv2d, (3, 4, 3)), (SNConvTranspose2d, (3, 4, 3)),
-                                       (SNEmbedding, (5, 3))], ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("cls, args", [(SNLinear, (8, 4)), (SNConv2d, (3, 4, 3)),
+                                       (SNConvTranspose2d, (3, 4, 3)), (SNEmbedding, (5, 3))],
+                         ids=lambda c: getattr(c, "__name__", ""))
 def test_sn_layers_take_backend_as_the_readme_says(cls, args):
     assert cls(*args, backend="reference").parametrizations.weight[0].backend == "reference"
     assert cls(*args, sn_backend="reference").parametrizations.weight[0].backend == "reference"  # older name
-    assert cls(*args, backend="reference", sn_backend="reference").parametrizations.weight[0].backend == "reference"
+    both = cls(*args, backend="reference", sn_backend="reference")
+    assert both.parametrizations.weight[0].backend == "reference"
     with pytest.raises(ValueError, match="backend='reference' and sn_backend='triton' disagree"):
         cls(*args, backend="reference", sn_backend="triton")
 
@@ -250,7 +252,8 @@ def test_self_attention_returns_the_attention_map_when_asked(biggan):
     y, attention = block(x, return_attention=True)
     n, nk = 6 * 4, (3 * 2 if biggan else 6 * 4)
     assert attention.shape == (2, n, nk)
-    assert_close_report(attention.sum(-1), torch.ones(2, n, dtype=torch.float64), atol=1e-12, rtol=0, name="rows")
+    assert_close_report(attention.sum(-1), torch.ones(2, n, dtype=torch.float64), atol=1e-12, rtol=0,
+                        name="rows")
     assert_close_report(y, block(x), atol=1e-12, rtol=1e-10, name="y with and without the map")
     # the map is the one y is made of: o = h attention^T, y = x + gamma * out(o)
     f = F.conv2d(x, block.query.weight).flatten(2)

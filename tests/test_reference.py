@@ -160,7 +160,8 @@ def test_reference_attention_no_sqrt_scale_and_rows_sum_to_one():
                         name="rows sum to 1")
     # SAGAN has no 1/sqrt(E): scale=1 differs from scale=1/sqrt(E).
     _, _, v = _qkv(1, 9, 11, 5, 3)
-    assert (reference.sagan_attention(q, k, v) - reference.sagan_attention(q, k, v, scale=5 ** -0.5)).abs().max() > 1e-3
+    unscaled, scaled = reference.sagan_attention(q, k, v), reference.sagan_attention(q, k, v, scale=5 ** -0.5)
+    assert (unscaled - scaled).abs().max() > 1e-3
 
 
 def _self_attention_einsum(x, w_query, w_key, w_value, gamma, w_out, pool_keys):
@@ -213,7 +214,8 @@ def test_gradcheck_self_attention_2d(pool_keys):
     inputs = tuple(a for a in args if a is not None)
 
     def block(x, wq, wk, wv, gamma, *w_out):
-        return reference.self_attention_2d(x, wq, wk, wv, gamma, w_out[0] if w_out else None, pool_keys=pool_keys)
+        return reference.self_attention_2d(x, wq, wk, wv, gamma, w_out[0] if w_out else None,
+                                           pool_keys=pool_keys)
 
     # max-pool is piecewise linear: random inputs sit away from its ties, so gradcheck is exact.
     assert torch.autograd.gradcheck(block, inputs)

@@ -150,7 +150,8 @@ def test_normalize_forward_backward_matches_reference(shape, dim, name, dtype):
     assert_close_report(closed, w_ref.grad, atol=1e-12, rtol=1e-12, name="closed-form dW")
 
     w_t = w.to(dtype).requires_grad_()
-    out = spectral_norm_normalize(w_t, u.to(dtype), v.to(dtype), sigma.to(torch.promote_types(dtype, torch.float32)),
+    out = spectral_norm_normalize(w_t, u.to(dtype), v.to(dtype),
+                                  sigma.to(torch.promote_types(dtype, torch.float32)),
                                   dim=dim, backend="triton")
     out.backward(grad.to(dtype))
     assert out.dtype == dtype and w_t.grad.dtype == dtype
@@ -449,7 +450,8 @@ def test_gan_step_triton_matches_reference():
     tol = 1e-5  # fp32 kernels vs fp32 torch ops, two Adam steps
     for (ld, lg), (ld2, lg2) in zip(losses, losses_ref):
         assert abs(ld - ld2) <= tol * (1 + abs(ld2)) and abs(lg - lg2) <= tol * (1 + abs(lg2))
-    for p, p2 in zip(list(g.parameters()) + list(d.parameters()), list(g2.parameters()) + list(d2.parameters())):
+    for p, p2 in zip(list(g.parameters()) + list(d.parameters()),
+                     list(g2.parameters()) + list(d2.parameters())):
         assert_close_report(p, p2, atol=tol, rtol=tol, name="parameter after 2 steps")
 
 
@@ -1028,7 +1030,8 @@ def test_gpu_sagan128_sizes(dtype):
         assert_close_report(s, s_ref, atol=0, rtol=1e-5, name=f"{shape} sigma")
     for (shape, dim), w, u, v, s in zip(shapes, ws, us, vs, sigmas):
         w64 = w.double().requires_grad_()
-        ref = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(), v.double())
+        ref = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(),
+                                                  v.double())
         grad = torch.randn_like(w64)
         ref.backward(grad)
         wt = w.clone().requires_grad_()
@@ -1037,7 +1040,8 @@ def test_gpu_sagan128_sizes(dtype):
         # bf16: outputs rounded to bf16 (2^-8) and sigma vs the bf16-rounded u, v
         rt = 1e-5 if dtype == torch.float32 else 2e-2
         assert_close_report(out, ref, atol=rt * ref.abs().max().item(), rtol=rt, name=f"{shape} W_sn")
-        assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt, name=f"{shape} dW")
+        assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt,
+                            name=f"{shape} dW")
 
 
 @pytest.mark.gpu
@@ -1056,10 +1060,12 @@ def test_gpu_sagan128_normalize_multi(dtype):
     rt = 1e-5 if dtype == torch.float32 else 2e-2  # as test_gpu_sagan128_sizes
     for (shape, dim), (w, u, v), wt, out, grad in zip(shapes, problems, ws, outs, grads):
         w64 = w.double().requires_grad_()
-        ref = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(), v.double())
+        ref = w64 / reference.spectral_norm_sigma(reference.weight_to_matrix(w64, dim), u.double(),
+                                                  v.double())
         ref.backward(grad)
         assert_close_report(out, ref, atol=rt * ref.abs().max().item(), rtol=rt, name=f"{shape} W_sn")
-        assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt, name=f"{shape} dW")
+        assert_close_report(wt.grad, w64.grad, atol=rt * w64.grad.abs().max().item(), rtol=rt,
+                            name=f"{shape} dW")
 
 
 def _misaligned_on(t: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,19 @@ from sagan_fast.nn import mark_weights_changed, spectral_norm
 from tests.sn_cases import BACKENDS
 
 
+@pytest.fixture(params=[False, True], ids=["assign", "swap"])
+def swap(request):
+    """torch runs each of these tests twice (its ``@swap([True, False])``): module conversions and
+    ``load_state_dict`` assigning ``.data`` (the default) or swapping the tensors
+    (``torch.__future__.set_swap_module_params_on_conversion(True)``)."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(request.param)
+    yield request.param
+    torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_spectral_norm(backend):
+def test_new_spectral_norm(backend, swap):
     """Structure (parameters, buffers, removal, several registrations), training / eval behaviour,
     gradcheck through repeated and mixed-mode forwards."""
     dtype = torch.float64
@@ -120,7 +131,7 @@ def test_new_spectral_norm(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activate_times", [0, 3])
-def test_new_spectral_norm_load_state_dict(activate_times, backend):
+def test_new_spectral_norm_load_state_dict(activate_times, backend, swap):
     x = torch.randn(2, 3)
     snm = spectral_norm(nn.Linear(3, 5), backend=backend)
     snm.train()
@@ -136,7 +147,8 @@ def test_new_spectral_norm_load_state_dict(activate_times, backend):
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "nonsense"'):
         snm.load_state_dict(loose, strict=True)
     snm.load_state_dict(loose, strict=False)
-    for key in ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v"):
+    for key in ("parametrizations.weight.original", "parametrizations.weight.0._u",
+                "parametrizations.weight.0._v"):
         del loose[key]
         snm.load_state_dict(loose, strict=False)
     loose["weight"] = snm.weight.detach().clone()  # W as a buffer
@@ -166,7 +178,7 @@ def test_new_spectral_norm_load_state_dict(activate_times, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_spectral_norm_dim(backend):
+def test_new_spectral_norm_dim(backend, swap):
     x = torch.randn(2, 3, 10, 12)
     m = spectral_norm(nn.ConvTranspose2d(3, 4, (5, 6)), backend=backend)
     m(x)  # no shape mismatch
@@ -184,7 +196,7 @@ def _naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_spectral_norm_forward(backend):
+def test_new_spectral_norm_forward(backend, swap):
     x = torch.randn(3, 5)
     m = spectral_norm(nn.Linear(5, 7), backend=backend)
     expected = _naive_forward(m, x)
@@ -193,7 +205,7 @@ def test_new_spectral_norm_forward(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_spectral_norm_forward_per_update(backend):
+def test_new_spectral_norm_forward_per_update(backend, swap):
     """Per update: after a forward, the same .data write is invisible until mark_weights_changed
     (then the layer iterates, as torch's forward does every time); before, W is normalized by its
     own u . W v with the stored u, v."""
@@ -212,7 +224,7 @@ def test_new_spectral_norm_forward_per_update(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float, torch.cfloat], ids=str)
-def test_new_spectral_norm_value(dtype, backend):
+def test_new_spectral_norm_value(dtype, backend, swap):
     """The spectral norm of a diagonal matrix is its largest |entry| (complex: the kernels route
     complex weights to the reference path)."""
     m = nn.Linear(2, 2, dtype=dtype)
@@ -227,7 +239,7 @@ def test_new_spectral_norm_value(dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
-def test_repeated_forwards_equal_torch_with_one_forward_per_step(dtype, backend):
+def test_repeated_forwards_equal_torch_with_one_forward_per_step(dtype, backend, swap):
     """Torch iterates at every training forward; ours once per weight change. So ours with three
     forwards per step (D on real, on fake, a no_grad look) equals torch with one forward per step."""
     torch.manual_seed(4)
@@ -263,7 +275,7 @@ def _hook_sagan_d(sn):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pre_1_0", [False, True], ids=["weight_v", "no_weight_v"])
-def test_converted_hook_state_dict_loads_and_continues_the_run(pre_1_0, backend):
+def test_converted_hook_state_dict_loads_and_continues_the_run(pre_1_0, backend, swap):
     """A model trained with torch.nn.utils.spectral_norm (keys weight_orig, weight_u, weight_v),
     its state dict converted: the same eval output, and the same first training forward (both
     iterate once from the saved u, v). Pre-1.0 checkpoints stored W / sigma instead of weight_v."""

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagan_fast.nn import (fuse_spectral_norms, load_spectral_norm_state, mark_weights_changed, normalized_sigmas,
-                           spectral_norm, spectral_norm_layers, spectral_norm_state, update_spectral_norms)
+from sagan_fast.nn import (SpectralNormError, assert_normalized, fuse_spectral_norms,
+                           load_spectral_norm_state, mark_weights_changed, normalized_sigmas,
+                           power_iteration_residuals, spectral_norm, spectral_norm_layers,
+                           spectral_norm_state, update_spectral_norms)
 from sagan_fast.ops import reference
-from tests.sn_cases import (AVAILABLE_BACKENDS, BACKENDS, give_spectral_gap_, make_optimizer, next_forward_sigmas, optimizer_forms,
-                            sn_model, sn_weights, train, update_counts)
+from tests.sn_cases import (AVAILABLE_BACKENDS, BACKENDS, give_spectral_gap_, make_optimizer,
+                            next_forward_sigmas, optimizer_forms, sn_model, sn_weights, train, update_counts)
 from tests.utils import assert_close_report, requires_cuda
 
 STEPS = 50
@@ -76,6 +79,8 @@ def test_every_optimizer_form_updates_once_per_step(name, form, backend):
     # kernels against torch's fp32 ops, after up to 50 steps.
     tol = 1e-6 if backend == "reference" else 2e-4
     assert all(abs(s - t) <= tol for s, t in zip(sigmas, torch_sigmas)), (sigmas, torch_sigmas)
+    # And u, v are from a power iteration on the weight as it is now (what a skipped update breaks).
+    assert max(power_iteration_residuals(ours).values()) < 1e-5
 
 
 def test_hook_skips_parameters_without_gradient_and_marks_eval_layers_stale():
@@ -203,12 +208,14 @@ def test_data_writes_same_result_on_every_backend_until_marked():
         give_spectral_gap_(model)
         model(x)
         _data_write(model)
-        w_sns[backend] = [m.weight.detach().clone() for m in model.modules() if hasattr(m, "parametrizations")]
+        w_sns[backend] = [m.weight.detach().clone() for m in model.modules()
+                          if hasattr(m, "parametrizations")]
         outs[backend] = model(x).detach()
         assert update_counts(model) == [1, 1, 1], "a .data write is invisible: no update yet"
         for (w, dim), (sn, _), w_sn in zip(sn_weights(model), spectral_norm_layers(model), w_sns[backend]):
             mat = reference.weight_to_matrix(w.detach().double(), dim)
-            expected = w.detach().double() / reference.spectral_norm_sigma(mat, sn._u.double(), sn._v.double())
+            sigma = reference.spectral_norm_sigma(mat, sn._u.double(), sn._v.double())
+            expected = w.detach().double() / sigma
             assert_close_report(w_sn, expected, atol=2e-6, rtol=2e-5, name=f"{backend} W / (u.W v)")
         assert mark_weights_changed(model) == 3
         model(x)
@@ -217,6 +224,83 @@ def test_data_writes_same_result_on_every_backend_until_marked():
         assert all(abs(s - 1) < 2e-3 for s in sigmas), sigmas
     for backend, out in outs.items():
         assert_close_report(out, outs["reference"], atol=1e-5, rtol=1e-4, name=f"{backend} vs reference")
+
+
+def _skip_updates(monkeypatch) -> None:
+    """Every power-iteration update becomes a no-op that still marks its layer fresh: what an
+    update missed by the update mechanism looks like from outside (u, v left for an older weight)."""
+    snmod = sys.modules["sagan_fast.nn.spectral_norm"]
+
+    def skipped(items, check_finite):
+        for sn, weight, _, _ in items:
+            object.__setattr__(sn, "_seen", snmod._weight_key(weight))
+    monkeypatch.setattr(snmod, "_power_iterate", skipped)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assert_normalized_sees_a_skipped_update_that_sigma_misses(backend, monkeypatch):
+    """After one skipped update the sigma of W_sn is still within 2% (stale u, v misjudge sigma
+    only at second order in the weight change); the power-iteration residual sees it at first
+    order, so assert_normalized (every benchmark's end check) fails; the next real update repairs it."""
+    model = sn_model(backend)
+    give_spectral_gap_(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train(model, opt, 3)
+    assert_normalized(model)
+    assert max(power_iteration_residuals(model).values()) < 1e-5
+    with monkeypatch.context() as patch:
+        _skip_updates(patch)
+        train(model, opt, 1)
+    assert all(abs(s - 1) < 0.02 for s in normalized_sigmas(model).values())
+    assert min(power_iteration_residuals(model).values()) > 1e-3
+    with pytest.raises(SpectralNormError, match="3 weight.*update was skipped"):
+        assert_normalized(model)
+    train(model, opt, 1)
+    assert_normalized(model)
+
+
+def test_assert_normalized_asks_for_mark_weights_changed_after_a_data_write():
+    x = torch.randn(2, 3, 4, 4)
+    model = sn_model("reference")
+    give_spectral_gap_(model)
+    for _ in range(10):  # converged u, v for the new weights
+        update_spectral_norms(model, force=True)
+    assert_normalized(model)
+    _data_write(model)  # invisible: the layers still count themselves up to date
+    with pytest.raises(SpectralNormError, match="mark_weights_changed"):
+        assert_normalized(model)
+    mark_weights_changed(model)
+    assert power_iteration_residuals(model) == {}  # the next training forward updates them all
+    assert_normalized(model)
+    model(x)
+    assert_normalized(model)
+    assert max(power_iteration_residuals(model).values()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["per-layer", "fused"])
+def test_double_backward_through_the_normalization(fused, backend, monkeypatch):
+    """create_graph=True (Hessian-vector products, penalties on weight gradients) differentiates
+    the normalization's backward: the kernels' closed form is not differentiable, so the backward
+    runs as plain ops then (the cuda backend gave silently wrong second derivatives, triton's fused
+    path too, its per-layer op raised); a plain backward still runs the kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(5, 12), backend=backend), nn.Unflatten(1, (3, 2, 2)),
+                          nn.Tanh(), spectral_norm(nn.ConvTranspose2d(3, 2, 2), backend=backend)).double()
+    if fused:
+        fuse_spectral_norms(model)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model(x)
+    weights = tuple(w for w, _ in sn_weights(model))
+    assert torch.autograd.gradgradcheck(lambda *w: model(x), weights)
+    calls = []
+    real = reference.spectral_norm_normalize_grad
+    monkeypatch.setattr(reference, "spectral_norm_normalize_grad", lambda *a: calls.append(1) or real(*a))
+    model(x).square().sum().backward()
+    assert calls == [] or backend == "reference", "a plain backward must run the kernels"
+    grads = torch.autograd.grad(model(x).square().sum(), weights, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    assert backend == "reference" or len(calls) == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -431,10 +515,11 @@ def test_bench_update_table_and_hook_cost_run(tmp_path, capsys):
     import json
     bench = _bench()
     out = tmp_path / "table.json"
-    assert bench.main(["--update-table", "--device", "cpu", "--backends", "reference", "--optimizers", "Adam,LBFGS",
-                       "--json", str(out)]) == 0
+    assert bench.main(["--update-table", "--device", "cpu", "--backends", "reference",
+                       "--optimizers", "Adam,LBFGS", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["optimizer"], r["form"]) for r in rows} >= {("Adam", "fused"), ("Adam", "foreach"), ("LBFGS", "default")}
+    assert {(r["optimizer"], r["form"]) for r in rows} >= {("Adam", "fused"), ("Adam", "foreach"),
+                                                           ("LBFGS", "default")}
     assert all(r["ok"] == "yes" and r["updates_per_step"] == "1.00" for r in rows), rows
     assert bench.main(["--hook-cost", "--device", "cpu", "--backends", "reference", "--hook-reps", "20"]) == 0
     assert "| reference |" in capsys.readouterr().out
@@ -444,11 +529,58 @@ def test_bench_timing_ends_normalized(tmp_path):
     import json
     bench = _bench()
     out = tmp_path / "timing.json"
-    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32", "--ch", "4",
-                       "--n-classes", "0", "--dtypes", "fp32,amp-bf16", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32,amp-bf16", "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if "max_sigma_minus_1" in r]
     assert len(rows) == 4 and all(r["max_sigma_minus_1"] < 0.02 for r in rows)
     assert {r["dtype"] for r in rows} == {"float32", "float32 W, autocast bfloat16"}
+
+
+def test_bench_timing_fails_when_the_timed_path_skips_power_iterations(tmp_path, monkeypatch):
+    """The timed path forgets ``force=True``: its updates after the first do nothing (the weights
+    never change while timed). u, v start random, so W_sn is not normalized and the run fails."""
+    import json
+    bench = _bench()
+    real = bench.update_spectral_norms
+    monkeypatch.setattr(bench, "update_spectral_norms",
+                        lambda model, force=False, check_finite=None: real(model, check_finite=check_finite))
+    out = tmp_path / "timing.json"
+    assert bench.main(["--quick", "--device", "cpu", "--backends", "reference", "--resolution", "32",
+                       "--ch", "4", "--n-classes", "0", "--dtypes", "fp32", "--json", str(out)]) == 1
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "error" not in rows["torch parametrization"]
+    assert "SpectralNormError" in rows["sagan_fast reference"]["error"]
+
+
+def test_train_step_bench_check_fails_when_updates_are_skipped(monkeypatch):
+    """bench/train_step.py's end check on a real SAGAN step: a run whose updates were all skipped
+    ends with every sigma within the bench's tolerance (u, v from the registration's warm-up
+    iterations, small Adam steps), and still fails; the same run with its updates passes."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_train_step_sn", root / "bench" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(root / "bench"))
+    for skip in (False, True):
+        with monkeypatch.context() as patch:
+            if skip:
+                _skip_updates(patch)
+            G, D, opt_G, opt_D = bench.build("fast", 32, 4, 0, 16, torch.device("cpu"))
+            real = torch.rand(2, 3, 32, 32) * 2 - 1
+            step = bench.make_step("fast", G, D, opt_G, opt_D, real, None, "fp32", False)
+            for _ in range(2):
+                step()
+        sigmas = {**normalized_sigmas(G), **normalized_sigmas(D)}
+        assert all(abs(s - 1) <= bench.SN_TOLERANCE for s in sigmas.values())
+        error = bench.check_normalized("fast", G, D)
+        assert (error is None) != skip, error
+        if skip:
+            assert "update was skipped" in error
 
 
 def test_bench_traffic_counts_launches_and_table_uploads(tmp_path):

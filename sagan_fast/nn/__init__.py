@@ -3,13 +3,15 @@
 from .spectral_norm import (SpectralNorm, SpectralNormError, assert_normalized, check_spectral_norms,
                             convert_hook_spectral_norm_state_dict, fuse_spectral_norms,
                             load_spectral_norm_state, mark_weights_changed, normalized_sigmas,
-                            set_check_finite, spectral_norm, spectral_norm_layers, spectral_norm_sigmas,
-                            spectral_norm_state, spectral_norm_update_counts, update_spectral_norms)
+                            power_iteration_residuals, set_check_finite, spectral_norm, spectral_norm_layers,
+                            spectral_norm_sigmas, spectral_norm_state, spectral_norm_update_counts,
+                            update_spectral_norms)
 
 __all__ = [
     "SpectralNorm", "SpectralNormError", "assert_normalized", "check_spectral_norms",
     "convert_hook_spectral_norm_state_dict", "fuse_spectral_norms", "load_spectral_norm_state",
-    "mark_weights_changed", "normalized_sigmas", "set_check_finite", "spectral_norm", "spectral_norm_layers",
+    "mark_weights_changed", "normalized_sigmas", "power_iteration_residuals", "set_check_finite",
+    "spectral_norm", "spectral_norm_layers",
     "spectral_norm_sigmas", "spectral_norm_state", "spectral_norm_update_counts", "update_spectral_norms",
 ]
 

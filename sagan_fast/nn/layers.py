@@ -115,11 +115,12 @@ class ConditionalBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"ConditionalBatchNorm2d({self.num_features}) expects (B, {self.num_features}, H, W), "
+            raise ValueError(f"ConditionalBatchNorm2d({self.num_features}) expects "
+                             f"(B, {self.num_features}, H, W), "
                              f"got {tuple(x.shape)}")
         if isinstance(y, torch.Tensor) and y.is_floating_point():
             if not self.cond_dim:
-                raise TypeError(f"ConditionalBatchNorm2d: y must hold integer class indices (int64 or int32), "
+                raise TypeError("ConditionalBatchNorm2d: y must hold integer class indices (int64 or int32), "
                                 f"got dtype {y.dtype}; for a float conditioning vector (BigGAN's form) "
                                 "construct it with cond_dim=<vector size>")
             if y.ndim != 2 or y.shape != (x.shape[0], self.cond_dim):
@@ -148,9 +149,11 @@ def check_class_labels(y: torch.Tensor, batch: int, n_classes: int, where: str) 
     if y.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{where}: y must hold integer class indices (int64 or int32), got dtype {y.dtype}")
     if y.ndim != 1 or y.shape[0] != batch:
-        raise ValueError(f"{where}: y must have shape ({batch},) (one class per sample), got {tuple(y.shape)}")
+        raise ValueError(f"{where}: y must have shape ({batch},) (one class per sample), "
+                         f"got {tuple(y.shape)}")
     # Only on CPU: on CUDA this would be a device sync per forward.
     if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= n_classes:
-            raise ValueError(f"{where}: class indices must be in [0, {n_classes}), got values in [{lo}, {hi}]")
+            raise ValueError(f"{where}: class indices must be in [0, {n_classes}), "
+                             f"got values in [{lo}, {hi}]")

@@ -33,6 +33,12 @@ call: :func:`mark_weights_changed` (the next training forward then runs the powe
 Until then the layer keeps its u, v, and every backend normalizes the written weight by its own
 u . W v with those u, v: no backend divides a weight by a sigma computed from another weight.
 
+Checking a training loop: a power iteration ends with v = normalize(W^H u), so
+:func:`power_iteration_residuals` is 0 (up to rounding) for every layer whose u, v were computed
+from its current weight, and not for a layer whose update was skipped or whose weight was written
+through ``.data`` without the call; :func:`assert_normalized`, which every benchmark runs at its
+end, checks that and the largest singular value of every W_sn.
+
 Every forward between two updates reuses u and v: D on real and then on fake before one backward,
 or G under no_grad and then with grad, all see the same normalized weight, and nothing saved for
 backward is modified in place.
@@ -51,10 +57,10 @@ two launches forward, two backward, for the whole model), which the layers use d
 forward. Under torch.compile, and for a layer called on its own, each layer normalizes its own
 weight; a fused layer called on its own *inside a compiled region* trusts its model's last check
 (the optimizer hook still updates it; after another kind of write call
-:func:`update_spectral_norms` on the model). Which layers: every parametrization whose weight has 2+ dims; 1-D weights are normalized
-exactly by their own forward, as torch. Non-contiguous weights (channels_last convs) work, at the
-cost of a contiguous copy, and leave the model-level normalize to the per-layer path. Complex
-weights work as in torch (sigma = u^H W v), on the reference backend.
+:func:`update_spectral_norms` on the model). Which layers: every parametrization whose weight has
+2+ dims; 1-D weights are normalized exactly by their own forward, as torch. Non-contiguous weights
+(channels_last convs) work, at the cost of a contiguous copy, and leave the model-level normalize to
+the per-layer path. Complex weights work as in torch (sigma = u^H W v), on the reference backend.
 
 Autocast: a layer whose module autocast runs in lower precision (convolutions, linear layers;
 not embeddings) gets its W_sn straight in the autocast dtype when autocast is on for the weight's
@@ -377,7 +383,8 @@ def _map_optimizer(optimizer: torch.optim.Optimizer, sizes: tuple) -> list[tuple
         weight = _raw_weight(sn)
         if weight is not None:
             by_id.setdefault(id(weight), []).append(sn)  # a list: a weight tied into several layers
-    pairs = [(p, sn) for group in optimizer.param_groups for p in group["params"] for sn in by_id.get(id(p), ())]
+    pairs = [(p, sn) for group in optimizer.param_groups for p in group["params"]
+             for sn in by_id.get(id(p), ())]
     _OPTIMIZER_MAPS[optimizer] = (_GENERATION, sizes, pairs)
     return pairs
 
@@ -684,17 +691,72 @@ def normalized_sigmas(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def _residual_tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`power_iteration_residuals` value a layer whose u, v come from a power
+    iteration on its current weight may show: rounding of the reductions (fp32 / fp64: 1e-4; the
+    SAGAN-128 ch=64 weight shapes give at most 6e-7 on a CPU, reference, cuda's C++ ops and
+    Triton's interpreter alike) or of u, v stored in 16 bits (4 eps). Skipped updates leave far
+    more: 2e-4 to 1e-2 after two skipped Adam steps of bench/train_step.py at its CPU size."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+@torch.no_grad()
+def power_iteration_residuals(model: nn.Module) -> dict[str, float]:
+    """``|| v - normalize(W^H u) ||`` for every SN layer of ours in ``model`` that its next
+    training-mode forward will *not* update (it saw its weight's last change), keyed like
+    :func:`normalized_sigmas`; float64.
+
+    A power iteration ends with ``v = normalize(W^H u)``, so for u, v computed from the current
+    weight this is 0 up to rounding, however far the iteration is from converged. A weight changed
+    after its layer's last update without the layer seeing it (an update skipped: an optimizer or
+    write the update mechanism missed, a ``.data`` write not followed by
+    :func:`mark_weights_changed`) shows here at first order in the change, where the sigma of W_sn
+    (:func:`normalized_sigmas`) moves only at second order. Layers whose next
+    training forward updates them anyway (a change seen, or marked) are left out.
+    """
+    out = {}
+    for name, pname, sn, weight in _sn_entries(model):
+        if not isinstance(sn, SpectralNorm) or sn.is_stale(weight) or weight.device.type == "meta":
+            continue
+        mat = reference.weight_to_matrix(weight.detach(), sn.dim)
+        dtype = torch.promote_types(mat.dtype, torch.float64)
+        u, v = sn._u.to(dtype), sn._v.to(dtype)
+        v_next = F.normalize(torch.mv(mat.to(dtype).H, u), dim=0, eps=sn.eps)
+        out[f"{name}.{pname}" if name else pname] = float((v - v_next).norm().cpu())
+    return out
+
+
 def assert_normalized(models: nn.Module | Iterable[nn.Module], tol: float = 0.02) -> None:
-    """Raise :class:`SpectralNormError` unless every SN weight's :func:`normalized_sigmas` is within
-    ``tol`` (relative) of 1: what every benchmark checks after timing a training step."""
-    bad = {}
+    """Raise :class:`SpectralNormError` unless every SN weight is normalized: what every benchmark
+    checks after timing a training step.
+
+    Two checks: every weight's :func:`normalized_sigmas` is within ``tol`` (relative) of 1, and every
+    layer of ours whose next training forward would not update it has u, v from a power iteration
+    on its current weight (:func:`power_iteration_residuals` at most 1e-4 for fp32 / fp64 weights,
+    4 eps for 16-bit ones). The second catches a skipped update exactly, including the early steps of
+    a run, where one power iteration per step has not yet converged (so the first needs a ``tol``
+    loose enough for that: torch's spectral norm is as far from 1 then) and a skipped update still
+    leaves sigma within it.
+    """
+    bad, stale = {}, {}
     for i, model in enumerate([models] if isinstance(models, nn.Module) else list(models)):
         for name, s in normalized_sigmas(model).items():
             if not abs(s - 1.0) <= tol:
                 bad[f"model{i}:{name}"] = round(s, 4)
+        dtypes = {f"{n}.{p}" if n else p: w.dtype for n, p, _, w in _sn_entries(model)}
+        for name, r in power_iteration_residuals(model).items():
+            if not r <= _residual_tolerance(dtypes[name]):
+                stale[f"model{i}:{name}"] = float(f"{r:.3g}")
+    problems = []
     if bad:
-        raise SpectralNormError(f"spectral norm did not normalize {len(bad)} weight(s) (largest singular "
-                                f"value of W_sn, expected 1 +- {tol}): {bad}")
+        problems.append(f"spectral norm did not normalize {len(bad)} weight(s) (largest singular value of "
+                        f"W_sn, expected 1 +- {tol}): {bad}")
+    if stale:
+        problems.append(f"{len(stale)} weight(s) changed after their last power iteration without their "
+                        "layer seeing it (an update was skipped; after a write through .data call "
+                        f"mark_weights_changed): || v - normalize(W^H u) || = {stale}")
+    if problems:
+        raise SpectralNormError("; ".join(problems))
 
 
 def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | None = None) -> dict:
@@ -728,7 +790,8 @@ def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | N
         prefix, _, tensor_name = base.rpartition(".")
         new_base = f"{prefix + '.' if prefix else ''}parametrizations.{tensor_name}"
         suffix = key[len(base):]
-        out[{"_orig": f"{new_base}.original", "_u": f"{new_base}.0._u", "_v": f"{new_base}.0._v"}[suffix]] = value
+        out[{"_orig": f"{new_base}.original", "_u": f"{new_base}.0._u",
+             "_v": f"{new_base}.0._v"}[suffix]] = value
     for base in bases:
         if base + "_v" in state_dict:
             continue
@@ -774,5 +837,6 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if plist[0] is sn:
         _adopt(sn, plist)
     sn.mark_stale()
-    object.__setattr__(sn, "_n_updates", 0)  # counted from here: the registration's evaluation is not an update
+    # Counted from here: the registration's evaluation is not an update.
+    object.__setattr__(sn, "_n_updates", 0)
     return module

@@ -80,6 +80,8 @@ def _normalize_setup_context(ctx, inputs, output):
 
 def _normalize_backward(ctx, grad):
     weight, u, v, sigma = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+        return reference.spectral_norm_normalize_grad(grad, weight, u, v, ctx.dim), None, None, None, None
     grad_weight = _ops.ext_spectral_norm_normalize_backward(grad.contiguous(), weight, u, v, sigma, ctx.dim)
     return grad_weight, None, None, None, None
 

@@ -85,6 +85,18 @@ def spectral_norm_backward(grad_w_sn: torch.Tensor, w_sn: torch.Tensor, u: torch
     return (grad_w_sn - inner * uvT) / sigma
 
 
+def spectral_norm_normalize_grad(grad_w_sn: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
+                                 v: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """dL/dW of ``W / (u . W v)`` (u, v constant) from G = dL/dW_sn, in plain ops autograd can
+    differentiate again (sigma recomputed from ``weight``, in float32 at least), in the weight's
+    dtype: what the kernels' backward runs when the backward is itself differentiated
+    (``create_graph=True``: double backward, Hessian-vector products). Real weights."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    w, u, v = weight.to(acc), u.detach().to(acc), v.detach().to(acc)
+    sigma = spectral_norm_sigma(weight_to_matrix(w, dim), u, v)
+    return spectral_norm_backward(grad_w_sn.to(acc), w / sigma, u, v, sigma, dim).to(weight.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # SAGAN attention
 # --------------------------------------------------------------------------------------------

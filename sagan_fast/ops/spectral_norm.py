@@ -9,7 +9,10 @@ Two ops, split where the math splits:
   weight it normalizes, so a weight written behind the power iteration's back (``.data``, C++) is
   still divided by its own u . W v, identically on every backend. ``out_dtype`` writes W_sn in
   another floating dtype (the autocast dtype for fp32 master weights: the gradient still goes to
-  the weight, in its dtype); the triton backend writes it directly, the others cast.
+  the weight, in its dtype); the triton backend writes it directly, the others cast. A backward
+  that is itself differentiated (``create_graph=True``) runs as plain differentiable ops on every
+  backend (:func:`sagan_fast.ops.reference.spectral_norm_normalize_grad`); an ordinary one runs
+  the backend's kernels.
 
 Each backend module (``reference_backend``, ``triton.spectral_norm``, ``cuda``; see
 :func:`sagan_fast.ops.backend_modules.backend_module`) provides

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from .._backend import accumulation_dtype as _acc_dtype
 
 __all__ = ["power_iteration_", "normalize", "normalize_backward", "normalize_multi"]
@@ -1020,7 +1021,9 @@ def _normalize_setup_context(ctx, inputs, output):
 def _normalize_backward(ctx, grad, _grad_sigma):
     weight, u, v, sigma = ctx.saved_tensors
     grad_weight = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and torch.is_grad_enabled():  # create_graph=True: differentiable ops
+        grad_weight = reference.spectral_norm_normalize_grad(grad, weight, u, v, ctx.dim)
+    elif ctx.needs_input_grad[0]:
         grad_weight = _normalize_backward_op(grad, weight, u, v, sigma, ctx.dim)
     return grad_weight, None, None, None, None
 
@@ -1173,6 +1176,7 @@ class _NormalizeMulti(torch.autograd.Function):
         # Aliases of the storages the plan points at (alive through the backward even if a
         # parameter gets new storage in between); u, v saved to catch in-place changes.
         ctx.weights = [w.detach() for w in weights]
+        ctx.inputs = weights  # for a differentiable backward (create_graph=True) only
         ctx.save_for_backward(sigmas, *us, *vs)
         ctx.set_materialize_grads(False)
         return tuple(plan.views(flat))
@@ -1183,6 +1187,11 @@ class _NormalizeMulti(torch.autograd.Function):
         sigmas, *uv = ctx.saved_tensors  # raises if u or v changed in place since forward
         n = len(plan.sizes)
         w_dtype, u_dtype, v_dtype, out_dtype = ctx.dtypes
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+            us, vs = uv[:n], uv[n:]
+            return (None, None, None, None, *[
+                reference.spectral_norm_normalize_grad(g, w, u, v, d) if g is not None else None
+                for g, w, u, v, d in zip(grads, ctx.inputs, us, vs, ctx.dims)])
         grads = [g.contiguous() if g is not None else None for g in grads]
         table = plan.grad_table(grads)
         if table is None:
