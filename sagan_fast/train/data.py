@@ -353,17 +353,20 @@ def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int,
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: SIGINT and SIGTERM are for the training process (stop.py), which
-    ends its workers itself. A Ctrl-C reaches the whole foreground process group, torchrun signals
-    each worker's process group, SLURM every process: a worker that died of it (or left its loop on
-    KeyboardInterrupt) would fail the batch in flight, before the step could be saved.
+    """DataLoader worker start: SIGINT, SIGTERM and SIGHUP are for the training process (stop.py),
+    which ends its workers itself. A Ctrl-C or a terminal's hangup reaches the whole foreground
+    process group, torchrun signals each worker's process group, SLURM every process: a worker that
+    died of it (or left its loop on KeyboardInterrupt) would fail the batch in flight, before the
+    step could be saved.
 
-    SIGINT is ignored. SIGTERM from the parent (the loader ending a worker, multiprocessing at exit)
-    still ends the worker as torch's own handler does (exit 0); from anyone else it is ignored. The
-    sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked elsewhere (Linux; where
-    there is no sigwaitinfo, SIGTERM keeps torch's handling).
+    SIGINT and SIGHUP are ignored. SIGTERM from the parent (the loader ending a worker,
+    multiprocessing at exit) still ends the worker as torch's own handler does (exit 0); from anyone
+    else it is ignored. The sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked
+    elsewhere (Linux; where there is no sigwaitinfo, SIGTERM keeps torch's handling).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
