@@ -216,6 +216,10 @@ class PreparedDataset(Dataset):
         if len(self) != self.index["count"]:
             raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
                             f"{self.index['count']} (a damaged copy?)")
+        r, c = self.resolution, self.channels
+        if self.images.dtype != np.uint8 or self.images.shape[1:] != (r, r, c):
+            raise DataError(f"{self.root}: {IMAGES_FILE} holds {self.images.dtype} {tuple(self.images.shape)}, "
+                            f"the index says uint8 (N, {r}, {r}, {c}): prepare the folder again")
 
     @property
     def images(self) -> np.ndarray:
@@ -253,6 +257,9 @@ def build_dataset(data: str, resolution: int) -> Dataset:
         return DigitsDataset(resolution)
     if is_prepared(data):
         return PreparedDataset(data, resolution)
+    if (Path(data) / IMAGES_FILE).is_file() and (Path(data) / INDEX_FILE).is_file():
+        raise DataError(f"--data {data!r}: a prepared folder whose {INDEX_FILE} is damaged or of another "
+                        f"format (not {PREPARED_FORMAT}): prepare the folder again")
     return ImageFolderDataset(data, resolution)
 
 
