@@ -218,8 +218,9 @@ class PreparedDataset(Dataset):
                             f"{self.index['count']} (a damaged copy?)")
         r, c = self.resolution, self.channels
         if self.images.dtype != np.uint8 or self.images.shape[1:] != (r, r, c):
-            raise DataError(f"{self.root}: {IMAGES_FILE} holds {self.images.dtype} {tuple(self.images.shape)}, "
-                            f"the index says uint8 (N, {r}, {r}, {c}): prepare the folder again")
+            found = f"{self.images.dtype} {tuple(self.images.shape)}"
+            raise DataError(f"{self.root}: {IMAGES_FILE} holds {found}, the index says uint8 (N, {r}, {r}, "
+                            f"{c}): prepare the folder again")
 
     @property
     def images(self) -> np.ndarray:
