@@ -114,6 +114,27 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         build_dataset(str(tmp_path / "file.png"), 32)
 
 
+def test_linked_folders_are_searched_once_each_and_a_link_loop_ends(tmp_path):
+    """A folder of links to where the images are (a common way to assemble a dataset): Python 3.11's
+    rglob silently left them out. A link loop and a second link to one folder add nothing."""
+    store = tmp_path / "store"
+    for name in ("part1", "part2"):
+        (store / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(store / name / f"{i}.png")
+    root = tmp_path / "data"
+    (root / "own").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "own" / "x.jpg")
+    (root / "a").symlink_to(store / "part1")
+    (root / "b").symlink_to(store / "part2")
+    (root / "c").symlink_to(store / "part2")  # part2 again
+    (root / "own" / "loop").symlink_to(root)
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link: not an image
+    files = ImageFolderDataset(root, 8).files
+    assert [str(f.relative_to(root)) for f in files] == [
+        "a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "own/x.jpg"]
+
+
 @pytest.mark.parametrize("n_items,world,batch", [(103, 2, 5), (97, 3, 4), (10, 1, 3)],
                          ids=["103items-2ranks", "97items-3ranks", "10items-1rank"])
 def test_sharded_sampler_partitions_and_resumes(n_items, world, batch):

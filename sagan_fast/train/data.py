@@ -86,13 +86,30 @@ class DigitsDataset(Dataset):
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """All jpg/png/webp files under ``root`` (recursive, sorted so every rank sees one order)."""
+    """All jpg/png/webp files under ``root`` (recursive, sorted so every rank sees one order).
+
+    Symbolic links to folders are followed (as torchvision's ImageFolder does; ``Path.rglob`` of
+    Python 3.11 silently leaves them out), each folder once: a link loop or a folder linked twice
+    does not repeat images."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"--data {str(root)!r}: no such folder (use 'digits' for the built-in dataset)")
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()  # which of two links to one folder is walked: the same on every machine
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [p for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                  and (p := Path(folder, name)).is_file()]
+    files.sort()
     if not files:
         raise DataError(f"--data {str(root)!r}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images "
                         "found (searched recursively)")
