@@ -95,6 +95,38 @@ def test_corrupt_image_is_skipped_and_counted(image_folder):
     assert images.shape == (5, 3, 8, 8) and int(skipped.sum()) == 1
 
 
+def test_the_prepare_command_names_each_unreadable_image_on_one_line_and_a_bad_destination(image_folder,
+                                                                                           tmp_path):
+    """``python -m sagan_fast.train.prepared_data``: a bad image is one "warning:" line (it was Python's
+    two-line UserWarning with a source line), an unwritable destination one "error:" line (it was a
+    traceback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def prepare_command(dst):
+        return subprocess.run([sys.executable, "-m", "sagan_fast.train.prepared_data", str(image_folder),
+                               str(dst), "--resolution", "8", "--workers", "0"], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    done = prepare_command(tmp_path / "prepared")
+    assert done.returncode == 0, done.stderr
+    said = [line.strip() for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    broken = image_folder / "b" / "broken.png"
+    assert [line for line in said if not line.startswith("prepared ")] == [
+        f"warning: skipping unreadable image {broken}: UnidentifiedImageError: cannot identify image file "
+        f"'{broken}'"], done.stderr
+    (tmp_path / "file").write_text("")
+    failed = prepare_command(tmp_path / "file" / "prepared")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (f"error: cannot write {tmp_path / 'file' / 'prepared'} "
+                                                      "(Not a directory)")
+
+
 def test_all_corrupt_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     ds = ImageFolderDataset(tmp_path, resolution=8)
