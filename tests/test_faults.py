@@ -523,12 +523,14 @@ def test_exploding_weights_with_small_losses_stop_the_run_before_a_checkpoint_of
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "step_00000002.pt").write_bytes(shared["ckpt"].read_bytes())
-    with pytest.raises(Diverged, match=r"^step 4: the run diverged: G\.\S+ (reached|holds) .*; the last "
-                                       r"checkpoint, .*step_00000002\.pt, is kept: lower --lr-g / --lr-d"):
+    # Found at the checkpoint of step 4 at the latest (the log steps may look at the weights too).
+    found = (r"^step [34]: the run diverged: G\.\S+ (reached|holds) .*; the last checkpoint, "
+             r".*step_00000002\.pt, is kept: lower --lr-g / --lr-d")
+    with pytest.raises(Diverged, match=found) as err:
         train(parse_config(tiny(out, "--steps", 6, "--ckpt-every", 2, "--lr-g", 1e8)))
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged][-2:] == [3, 4]
+    assert logged[-1]["step"] == int(str(err.value).split(":")[0].split()[1])  # logged, then stopped
     assert all(abs(r[k]) < 100 for r in logged for k in ("loss_d", "loss_g"))  # what the loss guard saw
 
 
@@ -779,8 +781,8 @@ BAD_INPUTS = [
         r"--lr-g / --lr-d \(or raise --max-loss\) and start again$"),
     # Only G's rate: SN keeps the losses finite and small, G's weights and batch-norm statistics explode.
     Bad("diverged-lr-g-only", lambda t, s: tiny(t / "r", "--steps", 4, "--ckpt-every", 2, "--lr-g", 1e8),
-        r"step 2: the run diverged: G\.\S+ (reached [\d.]+e\+\d+ \(beyond 1e\+08: a weight or statistic no "
-        r"healthy run has\)|holds (nan|inf)); no checkpoint was written: lower --lr-g / --lr-d and start "
+        r"step [12]: the run diverged: G\.\S+ (reached [\d.]+e\+\d+ \(beyond 1e\+08: a weight or statistic "
+        r"no healthy run has\)|holds (nan|inf)); no checkpoint was written: lower --lr-g / --lr-d and start "
         r"again$"),
     Bad("resume-text-file", lambda t, s: tiny(t / "r", "--resume", _text_file(t)),
         r"--resume .*notes\.pt: not a checkpoint \(torch\.save writes a zip archive; this file starts with "
