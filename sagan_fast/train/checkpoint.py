@@ -384,8 +384,8 @@ def check_weights(cfg: TrainConfig, state: TrainState) -> None:
     i = int(torch.where(finite, peaks, math.inf).masked_fill(~bad, -1.0).argmax())  # the worst one
     name, peak = named[i][0], float(peaks[i])
     problem = (f"{name} holds {peak}" if not math.isfinite(peak) else
-               f"{name} reached {peak:.3g} (beyond {WEIGHT_LIMIT:g}: a weight or statistic no healthy run "
-               "has)")
+               f"{name} reached {peak:.3g} (no weight or statistic of a healthy run gets near "
+               f"{WEIGHT_LIMIT:g})")
     newest = newest_checkpoint(cfg.run.out)
     then = (f"the last checkpoint, {newest}, is kept: lower --lr-g / --lr-d and run again to continue from it"
             if newest else "no checkpoint was written: lower --lr-g / --lr-d and start again")
