@@ -98,6 +98,11 @@ class _Run:
             if err.errno not in OUTPUT_ERRNOS:
                 raise
             return error(output_error(err, cfg.run.out))
+        except RuntimeError as err:  # torch.OutOfMemoryError (a GPU's) is one too
+            if (why := out_of_memory(err)) is None:
+                raise
+            return error(f"{why}: lower --batch-size (it is per process) or use --precision bf16 on a GPU, "
+                         f"and run again{_from_newest(cfg.run.out)}")
         finally:
             destroy_distributed()
         if result.stopped_by is not None:
@@ -157,6 +162,33 @@ def _stop_outside_the_loop() -> dict[int, object]:
         if sig is not None and signal.getsignal(sig) != signal.SIG_IGN:
             previous[sig] = signal.signal(sig, stop)
     return previous
+
+
+def out_of_memory(err: RuntimeError) -> str | None:
+    """What ran out, in a few words, if ``err`` is an allocation failure (a GPU's: torch.OutOfMemoryError;
+    the CPU's: the allocator's "can't allocate memory"), else None."""
+    import re
+
+    import torch
+
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError):
+        size = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+        gpu = re.search(r"GPU (\d+)", text)
+        return (f"out of GPU memory{' on GPU ' + gpu.group(1) if gpu else ''}"
+                f"{' (' + size.group(1) + ' more were asked for)' if size else ''}")
+    if "DefaultCPUAllocator: can't allocate memory" in text:
+        size = re.search(r"allocate (\d+) bytes", text)
+        asked = f" ({int(size.group(1)) / 2**30:.1f} GiB more were asked for)" if size else ""
+        return f"out of memory{asked}"
+    return None
+
+
+def _from_newest(out: str) -> str:
+    from sagan_fast.train.checkpoint import newest_checkpoint
+
+    newest = newest_checkpoint(out)
+    return f" (it continues from {newest})" if newest else ""
 
 
 def say(line: str, file) -> None:

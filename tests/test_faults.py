@@ -595,6 +595,11 @@ def test_bad_images_are_named_once_per_file_and_counted_once_over_workers_and_ep
 _EXEC = "import os, sys; {setup}; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
 FSIZE_LIMIT = ["-c", _EXEC.format(setup="import resource; resource.setrlimit(resource.RLIMIT_FSIZE, "
                                         "(64 << 10, 64 << 10))")]
+# The address space the run needs to import torch, plus 2 GiB: what is asked for beyond fails in the
+# allocator at once (nothing is used up: a shared machine's memory stays free).
+AS_LIMIT = ["-c", _EXEC.format(setup="import resource, torch; vm = int(open('/proc/self/status').read()"
+                                     ".split('VmPeak:')[1].split()[0]) * 1024 + (2 << 30); "
+                                     "resource.setrlimit(resource.RLIMIT_AS, (vm, vm))")]
 # root ignores file permissions (CAP_DAC_OVERRIDE): drop that, CAP_DAC_READ_SEARCH and CAP_FOWNER
 # from the bounding set before exec, so a read-only folder is read-only to the run too.
 NO_DAC = ["-c", _EXEC.format(setup="import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
@@ -763,6 +768,11 @@ BAD_INPUTS = [
         r"cannot write the checkpoint of step 1 to .*step_00000001\.pt \(File too large\); there is no "
         r"earlier one: make room and run the same command again$",
         prefix=FSIZE_LIMIT),
+    # All 1797 digits at 256 px in one batch: several GiB per activation.
+    Bad("out-of-memory",
+        lambda t, s: tiny(t / "r", "--resolution", 256, "--batch-size", 1797, "--device", "cpu"),
+        r"out of memory \([\d.]+ GiB more were asked for\): lower --batch-size \(it is per process\) or use "
+        r"--precision bf16 on a GPU, and run again$", prefix=AS_LIMIT),
     Bad("data-missing", lambda t, s: tiny(t / "r", "--data", t / "nowhere"),
         r"--data .*nowhere': no such folder"),
     Bad("data-no-images", lambda t, s: tiny(t / "r", "--data", t),
@@ -819,7 +829,7 @@ _IDS = [case.id for case in BAD_INPUTS]
 
 def test_the_table_counts_the_bad_inputs_tried():
     """Every mistake issue 12 lists is in the table (and a few like them); ids are unique."""
-    assert len(set(_IDS)) == len(_IDS) == 35
+    assert len(set(_IDS)) == len(_IDS) == 36
     listed = {"device-cuda-without-gpu", "resume-missing-file", "resume-a-folder", "resume-foreign-pt",
               "checkpoint-of-other-channels", "out-read-only", "disk-full", "data-all-corrupt", "out-in-use",
               "diverged", "diverged-lr-g-only", "resume-truncated-file"}
