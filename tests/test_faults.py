@@ -301,35 +301,38 @@ def test_a_ctrl_c_during_a_checkpoint_write_leaves_the_old_state_and_no_file(tmp
     write: torch then reported "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError
     with a traceback, the interrupt lost). The write blocks here in a real system call (a FIFO at the
     temporary file's name, read only after the signal), where the signal interrupts it."""
+    import fcntl
+    import termios
+
     path = tmp_path / "step_00000001.pt"
     tmp = tmp_path / f".{path.name}.tmp{os.getpid()}"
     os.mkfifo(tmp)
-    sent = threading.Event()
     main = threading.main_thread().ident
+    blocked = []
 
-    def reader() -> None:
+    def interrupt_the_blocked_write_then_read() -> None:
         with open(tmp, "rb") as f:
-            sent.wait(60)
+            queued, deadline = [-1], time.monotonic() + 60
+            while time.monotonic() < deadline:  # the pipe is full (the 1 MiB write waits): no more growth
+                time.sleep(0.2)
+                queued.append(struct.unpack("i", fcntl.ioctl(f.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+                if queued[-1] == queued[-2] > 0:
+                    blocked.append(queued[-1])
+                    break
+            signal.pthread_kill(main, signal.SIGINT)
             while f.read(1 << 16):
                 pass
 
-    def interrupt() -> None:
-        time.sleep(0.5)  # the 1 MiB write is blocked on the full pipe by then
-        signal.pthread_kill(main, signal.SIGINT)
-        sent.set()
-
-    threads = [threading.Thread(target=reader), threading.Thread(target=interrupt)]
+    reader = threading.Thread(target=interrupt_the_blocked_write_then_read)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        for t in threads:
-            t.start()
+        reader.start()
         with pytest.raises(KeyboardInterrupt):
             ckpt.atomic_torch_save({"w": torch.zeros(1 << 18)}, path)
     finally:
         signal.signal(signal.SIGINT, previous)
-        sent.set()
-        for t in threads:
-            t.join(30)
+        reader.join(60)
+    assert blocked, "the write never blocked"
     assert not path.exists() and not tmp.exists()
 
 
