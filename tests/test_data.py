@@ -95,6 +95,38 @@ def test_corrupt_image_is_skipped_and_counted(image_folder):
     assert images.shape == (5, 3, 8, 8) and int(skipped.sum()) == 1
 
 
+def test_the_prepare_command_names_each_unreadable_image_on_one_line_and_a_bad_destination(image_folder,
+                                                                                           tmp_path):
+    """``python -m sagan_fast.train.prepared_data``: a bad image is one "warning:" line (it was Python's
+    two-line UserWarning with a source line), an unwritable destination one "error:" line (it was a
+    traceback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def prepare_command(dst):
+        return subprocess.run([sys.executable, "-m", "sagan_fast.train.prepared_data", str(image_folder),
+                               str(dst), "--resolution", "8", "--workers", "0"], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    done = prepare_command(tmp_path / "prepared")
+    assert done.returncode == 0, done.stderr
+    said = [line.strip() for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    broken = image_folder / "b" / "broken.png"
+    assert [line for line in said if not line.startswith("prepared ")] == [
+        f"warning: skipping unreadable image {broken}: UnidentifiedImageError: cannot identify image file "
+        f"'{broken}'"], done.stderr
+    (tmp_path / "file").write_text("")
+    failed = prepare_command(tmp_path / "file" / "prepared")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (f"error: cannot write {tmp_path / 'file' / 'prepared'} "
+                                                      "(Not a directory)")
+
+
 def test_all_corrupt_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
     ds = ImageFolderDataset(tmp_path, resolution=8)
@@ -112,6 +144,27 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(DataError, match="not a folder"):
         build_dataset(str(tmp_path / "file.png"), 32)
+
+
+def test_linked_folders_are_searched_once_each_and_a_link_loop_ends(tmp_path):
+    """A folder of links to where the images are (a common way to assemble a dataset): Python 3.11's
+    rglob silently left them out. A link loop and a second link to one folder add nothing."""
+    store = tmp_path / "store"
+    for name in ("part1", "part2"):
+        (store / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(store / name / f"{i}.png")
+    root = tmp_path / "data"
+    (root / "own").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "own" / "x.jpg")
+    (root / "a").symlink_to(store / "part1")
+    (root / "b").symlink_to(store / "part2")
+    (root / "c").symlink_to(store / "part2")  # part2 again
+    (root / "own" / "loop").symlink_to(root)
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link: not an image
+    files = ImageFolderDataset(root, 8).files
+    assert [str(f.relative_to(root)) for f in files] == [
+        "a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "own/x.jpg"]
 
 
 @pytest.mark.parametrize("n_items,world,batch", [(103, 2, 5), (97, 3, 4), (10, 1, 3)],

@@ -17,11 +17,13 @@ import json
 import math
 import os
 import re
+import select
 import shlex
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -221,6 +223,119 @@ def test_stop_request_handles_real_signals_in_this_process():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal handlers from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_while_starting_is_one_line_not_a_traceback_or_a_silent_death(sig, tmp_path):
+    """Sent as soon as train_ddp.py has its handlers, that is while it imports torch (seconds): a Ctrl-C
+    printed a KeyboardInterrupt traceback from inside the imports, a SIGTERM or SIGHUP killed it
+    without a word."""
+    out = tmp_path / "run"
+    args = ["train_ddp.py", *tiny(out, "--steps", 5)]
+    proc, out_file, err_file = _start(args, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err_file.read_text()
+    assert_no_traceback(err)
+    name = "(Ctrl-C)" if sig == signal.SIGINT else f"by {sig.name}"
+    command = shlex.join([sys.executable, *args])
+    assert rc == 128 + sig and lines(err) == [
+        f"train_ddp.py: interrupted {name} while starting, nothing trained yet; to continue: {command}"], err
+    assert not out_file.read_text() and not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_closing_the_terminal_saves_the_step_like_sigterm(tmp_path):
+    """A run in a terminal that is closed (ssh dropped): the kernel sends SIGHUP to the run and its
+    DataLoader workers (the foreground process group). It used to die of it, saving nothing. Writing
+    to the hung-up terminal fails (EIO): the run must not trip over its own progress bar or log lines."""
+    import pty
+
+    out = tmp_path / "run"
+    folder = _rgb_folder(tmp_path / "rgb")
+    flags = tiny(out, "--steps", 100000, "--ckpt-every", 1000, "--data", folder, "--workers", 2, "--progress")
+    args = [sys.executable, "train_ddp.py", *flags]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own, the pty its controlling terminal
+        try:
+            os.chdir(REPO)
+            os.execve(args[0], args, ENV)
+        finally:
+            os._exit(127)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 180
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, shown.decode(errors="replace")[-3000:]
+            ready, _, _ = select.select([terminal], [], [], 0.1)
+            if ready:
+                shown += os.read(terminal, 1 << 16)
+    finally:
+        os.close(terminal)  # hang up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP, shown.decode(errors="replace")[-3000:]
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(saved) == 1 and ckpt.load_checkpoint(saved[0])["step"] >= 2
+    assert_no_traceback(shown.decode(errors="replace"))
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_leaves_the_old_state_and_no_file(tmp_path):
+    """A second Ctrl-C while the stop's checkpoint is written raises KeyboardInterrupt inside torch.save's
+    write: torch then reported "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError
+    with a traceback, the interrupt lost). The write blocks here in a real system call (a FIFO at the
+    temporary file's name, read only after the signal), where the signal interrupts it."""
+    import fcntl
+    import termios
+
+    path = tmp_path / "step_00000001.pt"
+    tmp = tmp_path / f".{path.name}.tmp{os.getpid()}"
+    os.mkfifo(tmp)
+    main = threading.main_thread().ident
+    blocked = []
+
+    def interrupt_the_blocked_write_then_read() -> None:
+        with open(tmp, "rb") as f:
+            queued, deadline = [-1], time.monotonic() + 60
+            while time.monotonic() < deadline:  # the pipe is full (the 1 MiB write waits): no more growth
+                time.sleep(0.2)
+                queued.append(struct.unpack("i", fcntl.ioctl(f.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+                if queued[-1] == queued[-2] > 0:
+                    blocked.append(queued[-1])
+                    break
+            signal.pthread_kill(main, signal.SIGINT)
+            while f.read(1 << 16):
+                pass
+
+    reader = threading.Thread(target=interrupt_the_blocked_write_then_read)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reader.start()
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.atomic_torch_save({"w": torch.zeros(1 << 18)}, path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        reader.join(60)
+    assert blocked, "the write never blocked"
+    assert not path.exists() and not tmp.exists()
+
+
 def _torchrun(args: list[str], tmp: Path) -> tuple[subprocess.Popen, Path, Path]:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return _start([*launcher, "train_ddp.py", *args], tmp, "torchrun")
@@ -259,7 +374,8 @@ def test_sigterm_under_torchrun_stops_both_ranks_after_the_same_step(target, tmp
             proc.kill()
     log = out_file.read_text() + err_file.read_text()
     # No traceback frame from our code (torchrun prints its own; CI's venv lives inside the repository).
-    ours = [line for line in log.splitlines() if f'File "{REPO}' in line and f'File "{sys.prefix}' not in line]
+    ours = [line for line in log.splitlines()
+            if f'File "{REPO}' in line and f'File "{sys.prefix}' not in line]
     assert not ours, log[-4000:]
     step, saved, command = _stop_line(log, "SIGTERM")
     assert saved.is_file() and ckpt.list_checkpoints(out / "checkpoints") == [saved]
@@ -403,6 +519,24 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(shared, tmp
     assert last_logged["step"] == 3  # logged, then stopped
 
 
+def test_exploding_weights_with_small_losses_stop_the_run_before_a_checkpoint_of_them(shared, tmp_path):
+    """--lr-g 1e8 alone: SN keeps D's outputs, so the losses, finite and small, and the loss guard
+    passes; G's weights and batch-norm statistics explode (~1e32 by step 2). The run used to go to the
+    end, writing checkpoints of that state over the good ones."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002.pt").write_bytes(shared["ckpt"].read_bytes())
+    # Found at the checkpoint of step 4 at the latest (the log steps may look at the weights too).
+    found = (r"^step [34]: the run diverged: G\.\S+ (reached|holds) .*; the last checkpoint, "
+             r".*step_00000002\.pt, is kept: lower --lr-g / --lr-d")
+    with pytest.raises(Diverged, match=found) as err:
+        train(parse_config(tiny(out, "--steps", 6, "--ckpt-every", 2, "--lr-g", 1e8)))
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000002.pt"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == int(str(err.value).split(":")[0].split()[1])  # logged, then stopped
+    assert all(abs(r[k]) < 100 for r in logged for k in ("loss_d", "loss_g"))  # what the loss guard saw
+
+
 def test_the_divergence_check_reads_nan_the_threshold_and_a_degenerate_spectral_norm(shared):
     from sagan_fast.models import build_models
     from sagan_fast.nn.spectral_norm import set_check_finite
@@ -464,6 +598,11 @@ def test_bad_images_are_named_once_per_file_and_counted_once_over_workers_and_ep
 _EXEC = "import os, sys; {setup}; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
 FSIZE_LIMIT = ["-c", _EXEC.format(setup="import resource; resource.setrlimit(resource.RLIMIT_FSIZE, "
                                         "(64 << 10, 64 << 10))")]
+# The address space the run needs to import torch, plus 2 GiB: what is asked for beyond fails in the
+# allocator at once (nothing is used up: a shared machine's memory stays free).
+AS_LIMIT = ["-c", _EXEC.format(setup="import resource, torch; vm = int(open('/proc/self/status').read()"
+                                     ".split('VmPeak:')[1].split()[0]) * 1024 + (2 << 30); "
+                                     "resource.setrlimit(resource.RLIMIT_AS, (vm, vm))")]
 # root ignores file permissions (CAP_DAC_OVERRIDE): drop that, CAP_DAC_READ_SEARCH and CAP_FOWNER
 # from the bounding set before exec, so a read-only folder is read-only to the run too.
 NO_DAC = ["-c", _EXEC.format(setup="import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
@@ -544,6 +683,52 @@ def _q(p) -> str:
     return re.escape(str(p))
 
 
+def _text_file(tmp: Path) -> Path:
+    (tmp / "notes.pt").write_text("hello, not a checkpoint\n")
+    return tmp / "notes.pt"
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "pipe.pt")  # reading it would block for ever
+    return tmp / "pipe.pt"
+
+
+def _link_loop(tmp: Path) -> Path:
+    (tmp / "a").symlink_to(tmp / "b")
+    (tmp / "b").symlink_to(tmp / "a")
+    return tmp / "a"
+
+
+def _read_only_sub(tmp: Path, shared: dict, sub: str) -> Path:
+    out = _copy_run(shared, tmp)
+    (out / sub).mkdir(exist_ok=True)
+    (out / sub).chmod(0o555)
+    return out
+
+
+def _unreadable_sub(tmp: Path, shared: dict, sub: str) -> Path:
+    out = _copy_run(shared, tmp)
+    (out / sub).chmod(0o000)
+    return out
+
+
+def _prepared_float(tmp: Path, shared: dict) -> Path:
+    from sagan_fast.train.prepared_data import prepare
+
+    prepare(shared["rgb"], tmp / "prepared", 32, workers=0, quiet=True)
+    np.save(tmp / "prepared" / "images.npy", np.full((4, 32, 32, 3), np.nan, np.float32))
+    return tmp / "prepared"
+
+
+def _prepared_bad_index(tmp: Path, shared: dict) -> Path:
+    from sagan_fast.train.prepared_data import prepare
+
+    prepare(shared["rgb"], tmp / "prepared", 32, workers=0, quiet=True)
+    index = tmp / "prepared" / "index.json"
+    index.write_text(index.read_text()[:30])  # cut short
+    return tmp / "prepared"
+
+
 BAD_INPUTS = [
     Bad("device-cuda-without-gpu", lambda t, s: tiny(t / "r", "--device", "cuda"),
         r"--device cuda: CUDA is not available \(this PyTorch .* (finds no GPU|was built without CUDA)\); "
@@ -586,6 +771,11 @@ BAD_INPUTS = [
         r"cannot write the checkpoint of step 1 to .*step_00000001\.pt \(File too large\); there is no "
         r"earlier one: make room and run the same command again$",
         prefix=FSIZE_LIMIT),
+    # All 1797 digits at 256 px in one batch: several GiB per activation.
+    Bad("out-of-memory",
+        lambda t, s: tiny(t / "r", "--resolution", 256, "--batch-size", 1797, "--device", "cpu"),
+        r"out of memory \([\d.]+ GiB more were asked for\): lower --batch-size \(it is per process\) or use "
+        r"--precision bf16 on a GPU, and run again$", prefix=AS_LIMIT),
     Bad("data-missing", lambda t, s: tiny(t / "r", "--data", t / "nowhere"),
         r"--data .*nowhere': no such folder"),
     Bad("data-no-images", lambda t, s: tiny(t / "r", "--data", t),
@@ -602,16 +792,50 @@ BAD_INPUTS = [
     Bad("diverged", lambda t, s: tiny(t / "r", "--steps", 4, "--ckpt-every", 1, "--lr-g", 1e8, "--lr-d", 1e8),
         r"step 1: the run diverged: loss_\w = .*, beyond --max-loss 10000; no checkpoint was written: lower "
         r"--lr-g / --lr-d \(or raise --max-loss\) and start again$"),
+    # Only G's rate: SN keeps the losses finite and small, G's weights and batch-norm statistics explode.
+    Bad("diverged-lr-g-only", lambda t, s: tiny(t / "r", "--steps", 4, "--ckpt-every", 2, "--lr-g", 1e8),
+        r"step [12]: the run diverged: G\.\S+ (reached [\d.]+e\+\d+ \(no weight or statistic of a healthy "
+        r"run gets near 1e\+08\)|holds (nan|inf)); no checkpoint was written: lower --lr-g / --lr-d and "
+        r"start again$"),
+    Bad("resume-text-file", lambda t, s: tiny(t / "r", "--resume", _text_file(t)),
+        r"--resume .*notes\.pt: not a checkpoint \(torch\.save writes a zip archive; this file starts with "
+        r"b'hello, not a'\)$"),
+    Bad("resume-not-a-regular-file", lambda t, s: tiny(t / "r", "--resume", _fifo(t)),
+        r"--resume .*pipe\.pt: not a regular file$"),
+    Bad("out-under-a-file", lambda t, s: tiny(s["ckpt"] / "run", "--steps", 1),
+        r"--out .*step_00000002\.pt/run: cannot create the run folder \(Not a directory\)$"),
+    Bad("data-is-a-file", lambda t, s: tiny(t / "r", "--data", s["ckpt"]),
+        r"--data .*step_00000002\.pt' is not a folder$"),
+    Bad("checkpoints-not-readable", lambda t, s: tiny(_unreadable_sub(t, s, "checkpoints"), "--steps", 3),
+        r".*/checkpoints: Permission denied \(a full disk, a quota, permissions\?\); fix that and run the "
+        r"same command to continue from the newest checkpoint$", prefix=NO_DAC),
+    Bad("out-link-loop", lambda t, s: tiny(_link_loop(t), "--steps", 1),
+        r"--out .*/a: a symbolic link to .*/b, which does not exist \(or is a loop of links\)$"),
+    Bad("checkpoints-not-writable", lambda t, s: tiny(_read_only_sub(t, s, "checkpoints"), "--steps", 3),
+        r"cannot write the checkpoint of step 3 to .*step_00000003\.pt \(Permission denied\); the newest "
+        r"complete one, .*step_00000002\.pt, is kept: fix that and run the same command to continue from it$",
+        prefix=NO_DAC),
+    # TensorBoard writes from a thread of its own: its error must not print a thread traceback.
+    Bad("tensorboard-not-writable", lambda t, s: tiny(_read_only_sub(t, s, "tensorboard"), "--steps", 3),
+        r".*/tensorboard/events\.out\.tfevents\.\S+: Permission denied \(a full disk, a quota, "
+        r"permissions\?\); fix that and run the same command to continue from the newest checkpoint$",
+        prefix=NO_DAC),
+    Bad("prepared-data-not-uint8", lambda t, s: tiny(t / "r", "--data", _prepared_float(t, s)),
+        r".*prepared: images\.npy holds float32 \(4, 32, 32, 3\), the index says uint8 \(N, 32, 32, 3\): "
+        r"prepare the folder again$"),
+    Bad("prepared-index-damaged", lambda t, s: tiny(t / "r", "--data", _prepared_bad_index(t, s)),
+        r"--data .*prepared': a prepared folder whose index\.json is damaged or of another format \(not "
+        r"sagan_fast\.prepared_images/1\): prepare the folder again$"),
 ]
 _IDS = [case.id for case in BAD_INPUTS]
 
 
 def test_the_table_counts_the_bad_inputs_tried():
     """Every mistake issue 12 lists is in the table (and a few like them); ids are unique."""
-    assert len(set(_IDS)) == len(_IDS) == 24
+    assert len(set(_IDS)) == len(_IDS) == 36
     listed = {"device-cuda-without-gpu", "resume-missing-file", "resume-a-folder", "resume-foreign-pt",
               "checkpoint-of-other-channels", "out-read-only", "disk-full", "data-all-corrupt", "out-in-use",
-              "diverged", "resume-truncated-file"}
+              "diverged", "diverged-lr-g-only", "resume-truncated-file"}
     assert listed <= set(_IDS)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import random
 import re
@@ -37,7 +38,7 @@ from ..models import Generator
 from ..nn.spectral_norm import load_spectral_norm_state, spectral_norm_state
 from .config import ConfigError, RunConfig, TrainConfig
 from .distributed import DistInfo, all_gather_objects
-from .errors import OutputError, together
+from .errors import Diverged, OutputError, together
 from .logging import note
 
 if TYPE_CHECKING:
@@ -75,8 +76,9 @@ def newest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 class _RecordingWriter:
-    """A file's write() that keeps the OSError it raised: torch.save reports a failed write (a full
-    disk) as "[enforce fail at inline_container.cc] unexpected pos", without the cause."""
+    """A file's write() that keeps what it raised: torch.save reports a failed write (a full disk, or a
+    second Ctrl-C's KeyboardInterrupt raised by a signal handler during a write) as "[enforce fail at
+    inline_container.cc] unexpected pos", without the cause."""
 
     def __init__(self, f) -> None:
         self.f, self.error = f, None
@@ -84,7 +86,7 @@ class _RecordingWriter:
     def write(self, data) -> int:
         try:
             return self.f.write(data)
-        except OSError as err:
+        except BaseException as err:
             self.error = err
             raise
 
@@ -107,6 +109,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             except RuntimeError:
                 if writer.error is None:
                     raise
+                if not isinstance(writer.error, OSError):
+                    raise writer.error from None
                 raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
             f.flush()
             os.fsync(f.fileno())
@@ -168,7 +172,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a sagan_fast training checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ValueError(f"{str(path)!r} is not a sagan_fast training checkpoint (format "
+                         f"{CHECKPOINT_FORMAT})")
     return state
 
 
@@ -201,11 +206,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def _why_unreadable(path: Path, err: Exception) -> str:
     size = path.stat().st_size
     with open(path, "rb") as f:  # torch.save writes a zip archive: its end record closes the file
-        head = f.read(4)
+        head = f.read(12)
         f.seek(max(0, size - 65_558))
         tail = f.read()
-    if head == b"PK\x03\x04" and b"PK\x05\x06" not in tail:
+    if head[:4] == b"PK\x03\x04" and b"PK\x05\x06" not in tail:
         return f"truncated ({size} bytes: the zip archive torch.save writes has no end record)"
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save: a zip archive (or, before 1.6, a pickle)
+        return f"not a checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
     text = str(err)
     if "Weights only load failed" in text:
         return "holds objects other than tensors and plain values (refused by torch.load(weights_only=True))"
@@ -325,6 +332,8 @@ def read_named_checkpoint(path: Path) -> dict[str, Any]:
         hint = (f"; its newest checkpoint is {newest}, and --out {path} continues that run from it"
                 if run_folder else f"; e.g. {newest}" if newest is not None else "")
         raise ConfigError(f"--resume {path}: a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: not a regular file")
     try:
         return read_checkpoint(path)
     except UnreadableCheckpoint as err:
@@ -353,9 +362,41 @@ def save_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, pat
 
     ``path``: write there (e.g. best.pt) instead of the run's next ``checkpoints/step_N.pt`` (which
     prunes the oldest); ``extra``: more plain values to store (e.g. the scores that made it best)."""
+    together(info, check_weights, cfg, state)  # every rank: BN statistics are per rank
     rng = all_gather_objects(capture_rng_state(info.device), info)
     return together(info, _write_training_state if info.is_main else lambda *a: None, cfg, state, info, rng,
                     path, extra or {})
+
+
+WEIGHT_LIMIT = 1e8
+"""No weight or statistic of a healthy run comes near this (Adam moves a weight by about the learning
+rate per step; measured: ~1 in the digits run); ``--lr-g 1e8`` passes it at step 1 or 2 and puts G's
+batch-norm variances at ~1e32 by step 2, while SN keeps the losses finite and small."""
+
+
+def check_weights(cfg: TrainConfig, state: TrainState) -> None:
+    """Raise :class:`~sagan_fast.train.errors.Diverged` if a parameter or buffer of G, D or the EMA G
+    is not finite or (unless ``--max-loss inf``: finiteness only) beyond :data:`WEIGHT_LIMIT` in
+    magnitude: such a state must not be written, let alone replace a good checkpoint. One sync."""
+    named = [(f"{prefix}.{name}", t) for prefix, model in (("G", state.G), ("D", state.D),
+                                                            ("G_ema", state.ema.model))
+             for name, t in model.state_dict().items() if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    peaks = torch.stack([t.detach().abs().amax().float() for _, t in named]).cpu()
+    finite = torch.isfinite(peaks)
+    bad = ~finite | (peaks > WEIGHT_LIMIT) if math.isfinite(cfg.run.max_loss) else ~finite
+    if not bool(bad.any()):
+        return
+    i = int(torch.where(finite, peaks, math.inf).masked_fill(~bad, -1.0).argmax())  # the worst one
+    name, peak = named[i][0], float(peaks[i])
+    problem = (f"{name} holds {peak}" if not math.isfinite(peak) else
+               f"{name} reached {peak:.3g} (no weight or statistic of a healthy run gets near "
+               f"{WEIGHT_LIMIT:g})")
+    newest = newest_checkpoint(cfg.run.out)
+    then = (f"the last checkpoint, {newest}, is kept: lower --lr-g / --lr-d and run again to continue from it"
+            if newest else "no checkpoint was written: lower --lr-g / --lr-d and start again")
+    raise Diverged(f"step {state.step}: the run diverged: {problem}; {then}")
 
 
 def _write_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, rng: list, path: Path | None,
@@ -377,8 +418,9 @@ def _write_training_state(cfg: TrainConfig, state: TrainState, info: DistInfo, r
         if err.errno not in OUTPUT_ERRNOS:
             raise
         newest = newest_checkpoint(cfg.run.out)
-        then = (f"the newest complete one, {newest}, is kept: make room and run the same command to continue "
-                "from it" if newest else "there is no earlier one: make room and run the same command again")
+        fix = "make room" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+        then = (f"the newest complete one, {newest}, is kept: {fix} and run the same command to continue "
+                f"from it" if newest else f"there is no earlier one: {fix} and run the same command again")
         raise OutputError(f"cannot write the checkpoint of step {s.step} to {err.filename or folder} "
                           f"({err.strerror}); {then}") from None
 

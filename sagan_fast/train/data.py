@@ -86,13 +86,30 @@ class DigitsDataset(Dataset):
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """All jpg/png/webp files under ``root`` (recursive, sorted so every rank sees one order)."""
+    """All jpg/png/webp files under ``root`` (recursive, sorted so every rank sees one order).
+
+    Symbolic links to folders are followed (as torchvision's ImageFolder does; ``Path.rglob`` of
+    Python 3.11 silently leaves them out), each folder once: a link loop or a folder linked twice
+    does not repeat images."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"--data {str(root)!r}: no such folder (use 'digits' for the built-in dataset)")
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()  # which of two links to one folder is walked: the same on every machine
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [p for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                  and (p := Path(folder, name)).is_file()]
+    files.sort()
     if not files:
         raise DataError(f"--data {str(root)!r}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images "
                         "found (searched recursively)")
@@ -216,6 +233,11 @@ class PreparedDataset(Dataset):
         if len(self) != self.index["count"]:
             raise DataError(f"{self.root}: {IMAGES_FILE} holds {len(self)} images, the index says "
                             f"{self.index['count']} (a damaged copy?)")
+        r, c = self.resolution, self.channels
+        if self.images.dtype != np.uint8 or self.images.shape[1:] != (r, r, c):
+            found = f"{self.images.dtype} {tuple(self.images.shape)}"
+            raise DataError(f"{self.root}: {IMAGES_FILE} holds {found}, the index says uint8 (N, {r}, {r}, "
+                            f"{c}): prepare the folder again")
 
     @property
     def images(self) -> np.ndarray:
@@ -253,6 +275,9 @@ def build_dataset(data: str, resolution: int) -> Dataset:
         return DigitsDataset(resolution)
     if is_prepared(data):
         return PreparedDataset(data, resolution)
+    if (Path(data) / IMAGES_FILE).is_file() and (Path(data) / INDEX_FILE).is_file():
+        raise DataError(f"--data {data!r}: a prepared folder whose {INDEX_FILE} is damaged or of another "
+                        f"format (not {PREPARED_FORMAT}): prepare the folder again")
     return ImageFolderDataset(data, resolution)
 
 
@@ -353,17 +378,20 @@ def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, *, workers: int,
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: SIGINT and SIGTERM are for the training process (stop.py), which
-    ends its workers itself. A Ctrl-C reaches the whole foreground process group, torchrun signals
-    each worker's process group, SLURM every process: a worker that died of it (or left its loop on
-    KeyboardInterrupt) would fail the batch in flight, before the step could be saved.
+    """DataLoader worker start: SIGINT, SIGTERM and SIGHUP are for the training process (stop.py),
+    which ends its workers itself. A Ctrl-C or a terminal's hangup reaches the whole foreground
+    process group, torchrun signals each worker's process group, SLURM every process: a worker that
+    died of it (or left its loop on KeyboardInterrupt) would fail the batch in flight, before the
+    step could be saved.
 
-    SIGINT is ignored. SIGTERM from the parent (the loader ending a worker, multiprocessing at exit)
-    still ends the worker as torch's own handler does (exit 0); from anyone else it is ignored. The
-    sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked elsewhere (Linux; where
-    there is no sigwaitinfo, SIGTERM keeps torch's handling).
+    SIGINT and SIGHUP are ignored. SIGTERM from the parent (the loader ending a worker,
+    multiprocessing at exit) still ends the worker as torch's own handler does (exit 0); from anyone
+    else it is ignored. The sender is known from ``sigwaitinfo``, in a thread, with SIGTERM blocked
+    elsewhere (Linux; where there is no sigwaitinfo, SIGTERM keeps torch's handling).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

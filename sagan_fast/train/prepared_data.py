@@ -150,11 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     args = parser.parse_args(argv)
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        # One line per unreadable file (not Python's two-line warning), over the "prepared n/N" line.
+        return f"\r{' ' * 40}\rwarning: {message}\n"
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
     try:
         index = prepare(args.src, args.dst, args.resolution, workers=args.workers, overwrite=args.overwrite)
     except (DataError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only or full destination
+        print(f"error: cannot write {args.dst} ({err.strerror})", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = formatwarning
     print(f"{args.dst}: {index['count']} images at {index['resolution']} px, {index['skipped']} unreadable "
           "skipped")
     return 0

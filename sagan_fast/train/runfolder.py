@@ -59,6 +59,9 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
+            if out.is_symlink() and not out.exists():
+                raise ConfigError(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist "
+                                  "(or is a loop of links)") from None
             raise ConfigError(f"--out {out}: exists and is not a folder") from None
         except OSError as err:
             raise ConfigError(f"--out {out}: cannot create the run folder ({err.strerror})") from None

@@ -1,7 +1,10 @@
-"""Stopping on a signal without losing steps: SIGINT (Ctrl-C) or SIGTERM (sent by torchrun to its
-workers, by SLURM and Kubernetes before a kill) lets the current step finish; the loop then writes
-a checkpoint of it and ends. A second SIGINT aborts at once (KeyboardInterrupt); a second SIGTERM
-is ignored (SLURM signals every process, torchrun forwards the signal it got: a worker may get two).
+"""Stopping on a signal without losing steps: SIGINT (Ctrl-C), SIGTERM (sent by torchrun to its
+workers, by SLURM and Kubernetes before a kill) or SIGHUP (the terminal or ssh session closed;
+torchrun forwards it too) lets the current step finish; the loop then writes a checkpoint of it
+and ends. A second SIGINT aborts at once (KeyboardInterrupt); a second SIGTERM or SIGHUP is ignored
+(SLURM signals every process, torchrun forwards the signal it got: a worker may get two). SIGHUP
+is left alone where it is ignored (``nohup``); after it, what would go to the closed terminal goes
+to /dev/null (writing there fails: the checkpoint must still be written).
 
 Every rank must stop after the same step (each contributes its RNG state to the checkpoint: a
 collective). :meth:`StopRequest.agreed` is called by every rank once per step: alone it reads the
@@ -11,13 +14,14 @@ per step, and the run stops ``CUDA_LAG`` steps after the signal, on every rank t
 
 How torchrun passes signals on (torch 2.13, checked in tests/test_faults.py): its workers run in
 their own sessions, so a Ctrl-C in the terminal reaches torchrun only; torchrun sends the signal it
-got (SIGINT or SIGTERM) to each worker's process group, waits ``--shutdown_timeout`` (30 s by
-default), then SIGKILLs. DataLoader worker processes are in that group: they ignore both signals
+got (SIGINT, SIGTERM or SIGHUP) to each worker's process group, waits ``--shutdown_timeout`` (30 s by
+default), then SIGKILLs. DataLoader worker processes are in that group: they ignore these signals
 (see data.make_loader), the training process handles them.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections import deque
@@ -27,7 +31,8 @@ import torch.distributed as dist
 
 from .distributed import DistInfo
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))  # no SIGHUP on Windows
 CUDA_LAG = 2
 """Steps between a rank's stop flag entering the all-reduce and every rank reading the result (GPU)."""
 
@@ -42,10 +47,12 @@ class StopRequest:
         self.lag = (CUDA_LAG if info.device.type == "cuda" else 0) if lag is None else lag
         self._pending: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
         self._previous: dict[int, object] = {}
+        self._terminal_fds: list[int] = []
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python's rule for signal.signal
-            for sig in STOP_SIGNALS:
+            self._terminal_fds = terminal_fds()
+            for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -55,6 +62,8 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            detach_from_terminal(self._terminal_fds)
         if self.signum is None:
             self.signum = signum
         elif signum == signal.SIGINT:
@@ -85,3 +94,34 @@ class StopRequest:
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def stop_signals() -> list[int]:
+    """The signals a run stops on: :data:`STOP_SIGNALS`, less SIGHUP where it is ignored (nohup)."""
+    hup = getattr(signal, "SIGHUP", None)
+    return [s for s in STOP_SIGNALS if not (s == hup and signal.getsignal(s) == signal.SIG_IGN)]
+
+
+def terminal_fds() -> list[int]:
+    """Which of stdout and stderr are a terminal (asked before a hangup: after it, isatty says no)."""
+    found = []
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def detach_from_terminal(fds: list[int]) -> None:
+    """Point ``fds`` (a hung-up terminal's) at /dev/null: writing to a hung-up terminal fails (EIO),
+    and a failed progress bar or log line must not stop the checkpoint the hangup asks for."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
