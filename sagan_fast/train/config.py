@@ -137,8 +137,9 @@ class RunConfig:
     max_loss: float = 1e4
     """Divergence guard: stop the run (exit 2, keeping the last checkpoint, which was written before)
     when loss_d or loss_g, averaged since the last check, exceeds this in magnitude or is not
-    finite, or a spectral norm degenerates. Checked at log and checkpoint steps, where the losses
-    are read anyway. 'inf' checks finiteness only."""
+    finite, a spectral norm degenerates, or a weight or batch-norm statistic of G or D is not finite
+    or beyond 1e8 (SN keeps the losses small while a far too high --lr-g blows up G). Checked at log
+    and checkpoint steps. 'inf' checks finiteness only."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")

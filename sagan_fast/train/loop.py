@@ -241,10 +241,18 @@ def check_health(cfg: TrainConfig, state: TrainState, scalars: dict[str, float],
                  info: DistInfo) -> None:
     """Raise :class:`Diverged` on every rank if any rank's mean losses (``scalars``) are non-finite
     or beyond --max-loss, or a spectral norm degenerated (one sync, one collective)."""
-    together(info, _raise_if_diverged, cfg, state.step, scalars, gan_step)
+    together(info, _raise_if_diverged, cfg, state.step, scalars, gan_step, state)
 
 
-def _raise_if_diverged(cfg: TrainConfig, step: int, scalars: dict[str, float], gan_step: GANStep) -> None:
+def _raise_if_diverged(cfg: TrainConfig, step: int, scalars: dict[str, float], gan_step: GANStep,
+                       state: TrainState | None = None) -> None:
+    _raise_if_losses_diverged(cfg, step, scalars, gan_step)
+    if state is not None:  # SN keeps the losses small while G's weights explode (--lr-g 1e8)
+        ckpt.check_weights(cfg, state)
+
+
+def _raise_if_losses_diverged(cfg: TrainConfig, step: int, scalars: dict[str, float], gan_step: GANStep
+                              ) -> None:
     problem = None
     for name in STAT_NAMES:
         value = scalars[name]
