@@ -38,6 +38,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "sagan-fast-train=sagan_fast.train_ddp:main",
             "sagan-fast-sample=sagan_fast.sample:main",
             "sagan-fast-evaluate=sagan_fast.evaluate:main",
         ],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._backend import accumulation_dtype
+
 
 # --------------------------------------------------------------------------------------------
 # Spectral norm: the semantics of torch.nn.utils.parametrizations.spectral_norm
@@ -91,7 +93,7 @@ def spectral_norm_normalize_grad(grad_w_sn: torch.Tensor, weight: torch.Tensor, 
     differentiate again (sigma recomputed from ``weight``, in float32 at least), in the weight's
     dtype: what the kernels' backward runs when the backward is itself differentiated
     (``create_graph=True``: double backward, Hessian-vector products). Real weights."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
+    acc = accumulation_dtype(weight.dtype)
     w, u, v = weight.to(acc), u.detach().to(acc), v.detach().to(acc)
     sigma = spectral_norm_sigma(weight_to_matrix(w, dim), u, v)
     return spectral_norm_backward(grad_w_sn.to(acc), w / sigma, u, v, sigma, dim).to(weight.dtype)
