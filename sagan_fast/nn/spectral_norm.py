@@ -808,7 +808,7 @@ def convert_hook_spectral_norm_state_dict(state_dict: dict, model: nn.Module | N
             u = u.to(wide)
             # torch's _solve_v_and_rescale: u = normalize(W v) and u . W v = sigma
             v = torch.linalg.multi_dot([mat.t().mm(mat).pinverse(), mat.t(), u.unsqueeze(1)]).squeeze(1)
-            v *= sigma / torch.dot(u, torch.mv(mat, v))
+            v *= sigma / reference.spectral_norm_sigma(mat, u, v)
             out[f"{new_base}.0._v"] = v.to(state_dict[base + "_u"].dtype)
     if metadata is not None:
         out._metadata = metadata
