@@ -97,6 +97,11 @@ def test_resume_continues_the_history_and_the_best(tmp_path):
                           {"step": 6, "key": "digits/fid", "value": fid6})
 
 
+def test_a_run_shorter_than_the_interval_is_not_scored(tmp_path):
+    train(eval_config(tmp_path / "run", steps=3, eval_every=5))
+    assert scores_in(tmp_path / "run") == [] and not (tmp_path / "run" / BEST_CHECKPOINT).exists()
+
+
 def test_evaluating_does_not_change_the_weights(tmp_path):
     with_eval = train(eval_config(tmp_path / "a", steps=3, eval_every=1))
     without = train(eval_config(tmp_path / "b", steps=3, eval_every=0))

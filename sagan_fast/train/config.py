@@ -158,10 +158,10 @@ class EvalConfig:
     """Sample quality during training: the EMA generator scored against the real data."""
 
     eval_every: int | None = None
-    """Score the EMA generator every this many steps (and at the last step): FID and KID, IS and for
-    digits the built-in judge's scores, logged (TensorBoard, metrics.jsonl, a line), plotted in
-    metrics.png, and best.pt kept by FID. 0: never. Default: 250 for digits; for an image folder
-    5000 with --inception-weights, else never (its FID needs Inception)."""
+    """Score the EMA generator every this many steps (and at the last step, if the run is that long):
+    FID and KID, IS and for digits the built-in judge's scores, logged (TensorBoard, metrics.jsonl, a
+    line), plotted in metrics.png, and best.pt kept by FID. 0: never. Default: 250 for digits; for an
+    image folder 5000 with --inception-weights, else never (its FID needs Inception)."""
     eval_samples: int = 1000
     """Generated images per evaluation (FID from 1,000 samples is biased upwards: compare values of
     one run, or use python -m sagan_fast.evaluate --n 10000 for a final number)."""

@@ -61,7 +61,9 @@ class RunEvaluation:
         self._plot_warned = False
 
     def due(self, step: int, last: bool) -> bool:
-        return bool(self.every) and (last or step % self.every == 0)
+        """Every ``every`` steps, and at the last step of a run that long (a short smoke run of a few
+        steps is not scored)."""
+        return bool(self.every) and (step % self.every == 0 or (last and step >= self.every))
 
     def __call__(self, state: TrainState, meter: ScalarMeter) -> dict[str, float]:
         """Score the EMA generator at ``state.step``; on every rank: write best.pt if it is the best
