@@ -35,7 +35,7 @@ def _tiny_run(out: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def uncond_run(tmp_path_factory):
-    return _tiny_run(tmp_path_factory.mktemp("uncond"))
+    return _tiny_run(tmp_path_factory.mktemp("uncond"), "--n-classes", "0")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 from sagan_fast.train import (EMA, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
                               hinge_loss_d, hinge_loss_g, parse_config, train)
 from sagan_fast.train import checkpoint as ckpt
-from sagan_fast.train.config import field_docs
+from sagan_fast.train.config import EvalConfig, field_docs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,9 +44,16 @@ def tiny_config(out: Path, **run) -> TrainConfig:
 def test_defaults_parse_and_every_field_has_a_docstring():
     cfg = parse_config([])
     assert cfg == TrainConfig()
-    assert (cfg.optim.lr_g, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.d_steps) == (1e-4, 4e-4, 0.0, 0.9, 1)
     assert cfg.data.data == "digits"
-    for section in (ModelConfig, DataConfig, OptimConfig, RunConfig):
+    # The digits recipe (the default run); an image folder gets SAGAN's settings, unconditional.
+    assert (cfg.model.n_classes, cfg.data.batch_size, cfg.optim.lr_g, cfg.optim.lr_d, cfg.optim.beta1,
+            cfg.optim.beta2, cfg.optim.d_steps) == (10, 16, 8e-4, 8e-4, 0.5, 0.999, 1)
+    folder = parse_config(["--data", "/data/celeba"])
+    assert (folder.model.n_classes, folder.data.batch_size, folder.optim.lr_g, folder.optim.lr_d,
+            folder.optim.beta1, folder.optim.beta2) == (0, 32, 1e-4, 4e-4, 0.0, 0.9)
+    assert parse_config(["--data", "/x", "--lr-g", "3e-4", "--n-classes", "5"]).optim.lr_g == 3e-4
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # what a checkpoint records: resolved values
+    for section in (ModelConfig, DataConfig, OptimConfig, RunConfig, EvalConfig):
         docs = field_docs(section)
         missing = [f.name for f in dataclasses.fields(section) if not docs.get(f.name)]
         assert not missing, f"{section.__name__} fields without a docstring: {missing}"

@@ -102,13 +102,15 @@ def check_architecture(models: str, *, resolution: Any, ch: Any, n_classes: Any,
                        image_channels: Any, sn_impl: Any, attention_impl: Any, init: Any,
                        sn_backend: Any = None, attention_backend: Any = None, z_dim: Any = None) -> None:
     """Raise :class:`ConfigError` for the first bad value of an architecture built as ``models``
-    ("G", "D" or "GD"). ``z_dim`` is checked when G is built; ``image_channels`` may be None only
-    for "GD" (a config: the data decides); ``attn_resolution`` 0 or None means no attention."""
+    ("G", "D" or "GD"). ``z_dim`` is checked when G is built; ``image_channels`` and ``n_classes``
+    may be None only for "GD" (a config: the data decides); ``attn_resolution`` 0 or None means no
+    attention."""
     check_choice("resolution", resolution, RESOLUTIONS)
     check_int("ch", ch, 1)
     if "G" in models:
         check_int("z_dim", z_dim, 1)
-    check_int("n_classes", n_classes, 0)
+    if not (models == "GD" and n_classes is None):
+        check_int("n_classes", n_classes, 0)
     if attn_resolution:
         sides = set(generator_block_resolutions(resolution)) if "G" in models else None
         if "D" in models:
@@ -138,9 +140,10 @@ class ModelConfig:
     default is sized for digits on a CPU)."""
     z_dim: int = 128
     """Size of the latent noise vector z."""
-    n_classes: int = 0
+    n_classes: int | None = None
     """0: unconditional. >0: class-conditional (conditional BN in G, projection D); the data's
-    labels must be in [0, n_classes) (digits: 10)."""
+    labels must be in [0, n_classes). Default: the data's classes, 10 for digits (class-conditional),
+    0 for an image folder (it has no labels); 0 for models built from the config without data."""
     attn_resolution: int = 16
     """Side of the feature map where G and D apply self-attention (a power of two <= resolution
     where both have a feature map; 0: no attention). The paper uses 32 at 128 px; 16 keeps the
@@ -174,7 +177,8 @@ class ModelConfig:
         channels = self.image_channels if self.image_channels is not None else image_channels
         if channels is None:
             fail("image_channels", "the config leaves it to the data: pass image_channels=")
-        kwargs = dict(self.__dict__, image_channels=channels, attn_resolution=self.attn_resolution or None)
+        kwargs = dict(self.__dict__, image_channels=channels, attn_resolution=self.attn_resolution or None,
+                      n_classes=self.n_classes or 0)
         if models == "D":
             del kwargs["z_dim"]
         return kwargs

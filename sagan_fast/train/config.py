@@ -35,8 +35,9 @@ class DataConfig:
     data: str = "digits"
     """'digits' (scikit-learn's 8x8 handwritten digits, upsampled; no download) or a folder of
     jpg/png/webp images, searched recursively (CelebA's img_align_celeba works as is)."""
-    batch_size: int = 32
-    """Images per process per step (the global batch is this times the number of processes)."""
+    batch_size: int | None = None
+    """Images per process per step (the global batch is this times the number of processes).
+    Default: 16 for digits, 32 for an image folder."""
     workers: int | None = None
     """DataLoader worker processes per rank; default: 0 for digits (in memory), 4 for a folder (at
     most the CPU cores this process may use)."""
@@ -46,7 +47,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.data), "data", "must be 'digits' or a folder path")
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.batch_size is None or self.batch_size >= 1, "batch_size",
+               f"must be >= 1, got {self.batch_size}")
         _check(self.workers is None or self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
@@ -54,14 +56,15 @@ class DataConfig:
 class OptimConfig:
     """Losses, optimizers (TTUR), EMA and precision."""
 
-    lr_g: float = 1e-4
-    """Generator learning rate (TTUR: G slower than D)."""
-    lr_d: float = 4e-4
-    """Discriminator learning rate."""
-    beta1: float = 0.0
-    """Adam beta1 (SAGAN: 0)."""
-    beta2: float = 0.9
-    """Adam beta2 (SAGAN: 0.9)."""
+    lr_g: float | None = None
+    """Generator learning rate. Default: 8e-4 for digits (the default run's recipe, measured: see
+    docs/DESIGN.md), 1e-4 for an image folder (SAGAN's TTUR: G slower than D)."""
+    lr_d: float | None = None
+    """Discriminator learning rate. Default: 8e-4 for digits, 4e-4 for an image folder (SAGAN)."""
+    beta1: float | None = None
+    """Adam beta1. Default: 0.5 for digits, 0 for an image folder (SAGAN)."""
+    beta2: float | None = None
+    """Adam beta2. Default: 0.999 for digits, 0.9 for an image folder (SAGAN)."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
     d_steps: int = 1
@@ -81,9 +84,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d", "adam_eps"):
-            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"must be > 0, got {value}")
         for name in ("beta1", "beta2"):
-            _check(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
         _check(self.d_steps >= 1, "d_steps", f"must be >= 1, got {self.d_steps}")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, "ema_start", f"must be >= 0, got {self.ema_start}")
@@ -201,6 +206,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # Fields left None take the default of the data (see DATA_DEFAULTS); what a run records and
+        # checkpoints is the resolved value.
+        column = 0 if self.data.data == "digits" else 1
+        for (section, name), values in DATA_DEFAULTS.items():
+            part = getattr(self, section)
+            if getattr(part, name) is None:
+                setattr(self, section, dataclasses.replace(part, **{name: values[column]}))
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
@@ -225,6 +239,18 @@ class TrainConfig:
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig,
                               "eval": EvalConfig}
+# Defaults that depend on the data: (digits, an image folder). The digits column is the default run's
+# recipe, chosen by measurement (docs/DESIGN.md, "The default digits run"): all ten digits, clearly
+# recognizable, in minutes on a 2-core CPU; class-conditional (the digits have labels). The folder
+# column is SAGAN's (Zhang et al. 2018): TTUR with Adam(0, 0.9), unconditional (no labels).
+DATA_DEFAULTS: dict[tuple[str, str], tuple[Any, Any]] = {
+    ("model", "n_classes"): (10, 0),
+    ("data", "batch_size"): (16, 32),
+    ("optim", "lr_g"): (8e-4, 1e-4),
+    ("optim", "lr_d"): (8e-4, 4e-4),
+    ("optim", "beta1"): (0.5, 0.0),
+    ("optim", "beta2"): (0.999, 0.9),
+}
 # Fields of earlier versions (in configs that checkpoints hold): old name -> (field, conversion).
 _RENAMED: dict[str, dict[str, tuple[str, Any]]] = {
     "optim": {"bf16": ("precision", lambda bf16: "bf16" if bf16 else "fp32")},
@@ -267,18 +293,25 @@ def _base_type(annotation: str) -> tuple[type, bool]:
     return {"int": int, "float": float, "str": str, "bool": bool}[parts[0]], optional
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None (the field's docstring says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per field of every section; help text from the field docstrings."""
     parser = argparse.ArgumentParser(
         description="Train a SAGAN (python train_ddp.py ... or torchrun --nproc_per_node=N train_ddp.py ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig()
+        formatter_class=_HelpFormatter)
     for section, section_cls in _SECTIONS.items():
+        defaults = section_cls()  # the fields' own defaults (TrainConfig() resolves those the data decides)
         group = parser.add_argument_group(section, section_cls.__doc__)
         docs = field_docs(section_cls)
         for f in dataclasses.fields(section_cls):
             typ, _ = _base_type(str(f.type))
-            default = getattr(getattr(defaults, section), f.name)
+            default = getattr(defaults, f.name)
             kwargs: dict[str, Any] = dict(dest=f"{section}.{f.name}", default=default, help=docs.get(f.name, ""))
             if typ is not bool:
                 kwargs["metavar"] = f.name.upper()
@@ -310,4 +343,4 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 __all__ = ["ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "build_parser", "field_docs", "parse_config"]
+           "DATA_DEFAULTS", "build_parser", "field_docs", "parse_config"]
