@@ -313,3 +313,26 @@ def test_inception_path_runs_end_to_end_on_a_weights_file_of_the_real_layout(tmp
     scores = ev(NoiseGenerator())
     for key in ("inception/fid", "inception/kid", "inception/is", "digits/fid"):
         assert math.isfinite(scores[key]) and key in ev.reference
+
+
+def test_scores_never_sync_across_processes(monkeypatch):
+    """Under torchrun a training run scores on rank 0 alone: a torchmetrics all-gather there would wait
+    for ranks that never join (it hung the 2-rank run). With a process group up, no score may sync."""
+    import torch.distributed as dist
+    import torchmetrics.metric
+
+    def no_collectives(*args, **kwargs):
+        raise AssertionError("a score tried to sync across processes")
+
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", no_collectives)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        real, fake = torch.randn(64, 8, generator=gen), torch.randn(64, 8, generator=gen) + 0.5
+        assert frechet_distance(real, fake) > 0.1
+        assert kernel_distance(real, fake, subsets=3, subset_size=32)[0] > 0
+        assert inception_score(torch.randn(64, 10, generator=gen))[0] >= 1
+    finally:
+        dist.destroy_process_group()

@@ -33,6 +33,12 @@ KID_SUBSET_SIZE = 1000
 IS_SPLITS = 1
 
 
+# The features are this process's own: never all-gather them. torchmetrics syncs across the default
+# process group when one exists; a training run under torchrun scores on rank 0 alone, so the other
+# ranks would never join that collective and rank 0 would wait for ever.
+_LOCAL = dict(sync_on_compute=False, dist_sync_on_step=False)
+
+
 class PrecomputedFeatures(nn.Module):
     """The identity, as the "feature extractor" of torchmetrics' metrics: they receive features."""
 
@@ -61,7 +67,7 @@ class FrechetDistance:
 
         _check_features(real_features, "real")
         self.metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real_features.shape[1]),
-                                               reset_real_features=False)
+                                               reset_real_features=False, **_LOCAL)
         self.metric.update(real_features.double().cpu(), real=True)
 
     def __call__(self, fake_features: torch.Tensor) -> float:
@@ -89,7 +95,7 @@ class KernelDistance:
         with warnings.catch_warnings():  # "will save all extracted features": that is the point
             warnings.simplefilter("ignore", UserWarning)
             metric = self._metric_class(feature=PrecomputedFeatures(self.real_features.shape[1]),
-                                        subsets=self.subsets, subset_size=size)
+                                        subsets=self.subsets, subset_size=size, **_LOCAL)
         metric.update(self.real_features, real=True)
         metric.update(fake_features.double().cpu(), real=False)
         with _seeded(self.seed):
@@ -116,7 +122,8 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = 0
     _check_features(logits, "logits")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=min(splits, len(logits)))
+        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=min(splits, len(logits)),
+                                **_LOCAL)
     metric.update(logits.double().cpu())
     with _seeded(seed), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # std of a single split
