@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -167,3 +168,20 @@ def test_score_history_reads_evaluation_records_only(tmp_path):
     (step, scores), = read_score_history(path, 10)
     assert step == 3 and scores["digits/fid"] == 1.5 and math.isnan(scores["digits/kid"])
     assert read_score_history(path, 2) == []
+
+
+def test_evaluation_under_torchrun_scores_on_rank_0_and_every_rank_writes_best(tmp_path):
+    """2 gloo ranks: rank 0 scores (no collective inside the scores: it once hung), the best.pt decision
+    is shared, each evaluation is one line and one JSONL record."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train_ddp.py"), "--out", str(out), "--steps", "4", "--eval-every", "2",
+         "--eval-samples", "40", "--ch", "2", "--z-dim", "8", "--batch-size", "4", "--n-samples", "10",
+         "--log-every", "2", "--ckpt-every", "1000", "--cpu-threads", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval step ") == 2, proc.stdout
+    assert [step for step, _ in scores_in(out)] == [2, 4]
+    saved = torch.load(out / BEST_CHECKPOINT, weights_only=True)
+    assert saved["world_size"] == 2 and len(saved["rng"]) == 2  # a collective save, every rank's RNG
