@@ -543,7 +543,7 @@ def test_the_divergence_check_reads_nan_the_threshold_and_a_degenerate_spectral_
     from sagan_fast.train.loop import _raise_if_diverged
     from sagan_fast.train.step import PLAIN, GANStep
 
-    cfg = parse_config(tiny(shared["base"] / "unused", "--max-loss", 100))
+    cfg = parse_config(tiny(shared["base"] / "unused", "--max-loss", 100, "--n-classes", 0))
     G, D = build_models(cfg.model, 1)
     step = GANStep(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()), precision="fp32",
                    **PLAIN)

@@ -193,7 +193,8 @@ def test_short_run_writes_checkpoint_samples_and_logs(straight_run):
     samples = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["step_00000001.png", "step_00000002.png"]
     img = Image.open(samples[-1])
-    assert img.mode == "L" and img.size == (3 * 34 + 2, 2 * 34 + 2)  # 6 samples, 3 per row, 2 px padding
+    # 6 samples of a 10-class G: one class per row (here one image each), 2 px padding
+    assert img.mode == "L" and img.size == (1 * 34 + 2, 6 * 34 + 2)
     assert np.asarray(img).std() > 1.0, "the sample grid is blank"
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -364,7 +365,7 @@ def test_a_checkpoint_written_before_the_redesign_resumes_where_that_run_went(tm
         assert abs(logged[key] - expected[key]) <= 1e-3 * (1 + abs(expected[key])), (key, logged, expected)
     new = ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
     # The same layout; keys added since (absent in old files, which load without them) listed here.
-    assert _key_tree({k: v for k, v in new.items() if k not in ("unreadable_images",)}) == _key_tree(old)
+    assert _key_tree({k: v for k, v in new.items() if k not in ("unreadable_images", "best")}) == _key_tree(old)
     # The config holds --bf16's successor, precision; the old one converts to it.
     assert "bf16" in old["config"]["optim"] and TrainConfig.from_dict(new["config"]) == cfg == \
         dataclasses.replace(TrainConfig.from_dict(old["config"]), run=cfg.run)

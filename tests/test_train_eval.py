@@ -140,8 +140,10 @@ def test_conditional_grid_has_one_class_per_row():
 
 @pytest.mark.parametrize("argv,match", [
     (["--inception-weights", "/nonexistent/weights-inception.pth"],
+     "--inception-weights: .*weights-inception.pth"),  # a smoke run that would not score: still an error
+    (["--inception-weights", "/nonexistent/weights-inception.pth", "--eval-every", "1"],
      "--inception-weights: cannot evaluate this run: .*weights-inception.pth"),
-    (["--eval-every", "5", "--data", "FOLDER"], "--eval-every: cannot evaluate this run: .*Inception"),
+    (["--eval-every", "1", "--data", "FOLDER"], "--eval-every: cannot evaluate this run: .*Inception"),
     (["--eval-samples", "1"], "--eval-samples: must be >= 2"),
 ])
 def test_evaluation_mistakes_are_one_line(tmp_path, argv, match):

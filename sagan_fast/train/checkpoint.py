@@ -437,11 +437,7 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
     processes also gets a note that the continuation is not bit-exact.
     """
     saved = read_checkpoint(path) if saved is None else saved
-    # The kernels that run (sn_backend, attention_backend) may change: same math, another speed.
-    diff = {k: (saved["config"]["model"].get(k), v) for k, v in cfg.to_dict()["model"].items()
-            if saved["config"]["model"].get(k) != v and k not in _KERNEL_CHOICES}
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
+    # Other data first: its defaults (n_classes, ...) differ too, but the data is what to say.
     try:
         channels = Generator.image_channels_in(saved["G"])
     except KeyError:
@@ -450,6 +446,11 @@ def load_training_state(path: Path, cfg: TrainConfig, state: TrainState, info: D
         raise ConfigError(f"cannot resume from {path}: it was trained on {channels}-channel images, the "
                           f"data {cfg.data.data!r} has {state.batches.channels}-channel images (use another "
                           "--out)")
+    # The kernels that run (sn_backend, attention_backend) may change: same math, another speed.
+    diff = {k: (saved["config"]["model"].get(k), v) for k, v in cfg.to_dict()["model"].items()
+            if saved["config"]["model"].get(k) != v and k not in _KERNEL_CHOICES}
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: model settings differ (checkpoint, now): {diff}")
     try:
         before = TrainConfig.from_dict(saved["config"])
     except (ConfigError, TypeError) as err:

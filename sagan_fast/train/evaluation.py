@@ -46,6 +46,16 @@ def build_evaluator(cfg: TrainConfig, info: DistInfo):
         raise ConfigError(f"{what}: cannot evaluate this run: {err}") from None
 
 
+def check_inception_weights(path: str) -> None:
+    """A ConfigError naming --inception-weights if ``path`` is not a file."""
+    from ..metrics.inception import check_weights_path
+
+    try:
+        check_weights_path(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--inception-weights: {err}") from None
+
+
 class RunEvaluation:
     """The evaluations of one training run (see the module doc). Every rank makes one and calls it
     at the same steps; only rank 0 scores."""
@@ -54,16 +64,19 @@ class RunEvaluation:
         self.cfg, self.info, self.logger = cfg, info, logger
         self.out = Path(cfg.run.out)
         self.every = cfg.eval.every(cfg.data.data)
+        # A run shorter than the interval (a smoke run of a few steps) is not scored at all.
+        self.active = bool(self.every) and cfg.run.steps >= self.every
         self.evaluator = None
-        if self.every:
+        if self.active:  # built now: a bad --inception-weights is an error before any step
             self.evaluator = together(info, build_evaluator if info.is_main else lambda *a: None, cfg, info)
+        elif cfg.eval.inception_weights is not None:  # not used in this run, but a wrong path is still wrong
+            together(info, check_inception_weights, cfg.eval.inception_weights)
         self.history = read_score_history(self.out / METRICS_FILE, state.step) if info.is_main else []
         self._plot_warned = False
 
     def due(self, step: int, last: bool) -> bool:
-        """Every ``every`` steps, and at the last step of a run that long (a short smoke run of a few
-        steps is not scored)."""
-        return bool(self.every) and (step % self.every == 0 or (last and step >= self.every))
+        """Every ``every`` steps, and at the last step (of a run at least that long)."""
+        return self.active and (last or step % self.every == 0)
 
     def __call__(self, state: TrainState, meter: ScalarMeter) -> dict[str, float]:
         """Score the EMA generator at ``state.step``; on every rank: write best.pt if it is the best

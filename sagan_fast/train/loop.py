@@ -195,12 +195,6 @@ def banner(cfg: TrainConfig, info: DistInfo, state: TrainState, resumed: Resumed
     lines = [f"train: {device}, {torch.get_num_threads()} CPU thread(s), {info.world_size} process(es); "
              f"G {size(state.G)} parameters, D {size(state.D)}; data: {state.batches.describe()}; "
              f"run folder {cfg.run.out}"]
-    every = cfg.eval.every(cfg.data.data)
-    judge = "the digits judge" if cfg.data.data == "digits" else "Inception"
-    lines.append(f"train: evaluating the EMA generator every {every} steps ({cfg.eval.eval_samples} samples, "
-                 f"{judge}{', Inception' if cfg.eval.inception_weights and cfg.data.data == 'digits' else ''})"
-                 if every else "train: no evaluation (--eval-every 0, or an image folder without "
-                 "--inception-weights)")
     steps = cfg.run.steps
     if resumed is None:
         lines.append(f"train: starting at step 0 of {steps}")
@@ -209,6 +203,13 @@ def banner(cfg: TrainConfig, info: DistInfo, state: TrainState, resumed: Resumed
                      "already, nothing to train (raise --steps to go on)")
     else:
         lines.append(f"train: resumed from {resumed.path} at step {resumed.step} of {steps}")
+    every = cfg.eval.every(cfg.data.data)
+    judge = "the digits judge" if cfg.data.data == "digits" else "Inception"
+    if cfg.eval.inception_weights and cfg.data.data == "digits":
+        judge += " and Inception"
+    lines.append(f"train: scoring the EMA generator every {every} steps ({cfg.eval.eval_samples} samples, "
+                 f"{judge})" if every else "train: no scores during training (--eval-every 0, or an image "
+                 "folder without --inception-weights)")
     return lines + (resumed.notes if resumed else [])
 
 
