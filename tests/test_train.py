@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,16 +301,43 @@ def test_logger_rewinds_to_the_resume_step_and_drops_a_half_written_line(tmp_pat
 
 
 def test_cpu_threads_respects_the_request_then_the_environment_then_idle_cores(monkeypatch):
-    from sagan_fast.train.loop import cpu_threads
+    import os
 
-    assert cpu_threads(3) == 3
+    import sagan_fast.train.loop as loop
+
+    assert loop.cpu_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert cpu_threads(0) == 2
+    assert loop.cpu_threads(0) == 2
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr("os.getloadavg", lambda: (1e6, 0.0, 0.0))  # every core busy
-    assert cpu_threads(0) == 1
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # idle: torch's own default
-    assert cpu_threads(0) == min(torch.get_num_threads(), len(__import__("os").sched_getaffinity(0)))
+    monkeypatch.setattr(loop, "busy_cores", lambda: 10**6)  # every core busy
+    assert loop.cpu_threads(0) == 1
+    monkeypatch.setattr(loop, "busy_cores", lambda: 0)  # idle: torch's own default
+    assert loop.cpu_threads(0) == min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
+
+
+def test_busy_cores_sees_a_busy_process_now_not_a_minute_ago():
+    """Measured over a moment (/proc/stat), not the 1-minute load average, which still counted a job
+    that had just ended and gave the default run one thread of two (8.6 min instead of ~6)."""
+    import multiprocessing
+    import os
+
+    from sagan_fast.train.loop import busy_cores
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat here: the load average is used")
+    spinner = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        assert busy_cores(0.5) >= 1
+    finally:
+        spinner.kill()
+        spinner.join()
+
+
+def _spin() -> None:
+    while True:
+        pass
 
 
 def test_discriminator_on_a_concatenated_batch_equals_two_calls():

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +152,24 @@ def cpu_threads(requested: int) -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(torch.get_num_threads(), cores - busy))
+    return max(1, min(torch.get_num_threads(), cores - busy_cores()))
+
+
+def busy_cores(seconds: float = 0.25) -> int:
+    """How many cores other processes keep busy now: measured over ``seconds`` from /proc/stat (the
+    1-minute load average lags: just after a job ends it still counts it), else the load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    busy_fraction = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    return round(busy_fraction * (os.cpu_count() or 1))
 
 
 def seed_everything(seed: int) -> None:
