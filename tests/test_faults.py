@@ -46,12 +46,7 @@ TINY = ["--resolution", "32", "--ch", "2", "--z-dim", "8", "--batch-size", "4", 
         "--log-every", "1", "--sample-every", "1000", "--no-progress", "--cpu-threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def cli(args: list[str], *, prefix: list[str] = (), timeout: float = 180) -> subprocess.CompletedProcess:

@@ -19,13 +19,7 @@ from sagan_fast.train import checkpoint as ckpt
 from sagan_fast.train.config import EvalConfig, field_docs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU run several times faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_config(out: Path, **run) -> TrainConfig:

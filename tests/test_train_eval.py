@@ -25,12 +25,7 @@ from sagan_fast.train.observe import fixed_noise
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def eval_config(out: Path, steps: int = 4, eval_every: int = 2, **run) -> TrainConfig:

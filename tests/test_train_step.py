@@ -33,13 +33,7 @@ LR_G, LR_D = 1e-3, 2e-3
 Z_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is ~20x faster than two OpenMP threads on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_gan(seed: int, n_classes: int, device="cpu", sgd: bool = False):
