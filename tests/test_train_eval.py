@@ -137,8 +137,10 @@ def test_conditional_grid_has_one_class_per_row():
     (["--inception-weights", "/nonexistent/weights-inception.pth"],
      "--inception-weights: .*weights-inception.pth"),  # a smoke run that would not score: still an error
     (["--inception-weights", "/nonexistent/weights-inception.pth", "--eval-every", "1"],
-     "--inception-weights: cannot evaluate this run: .*weights-inception.pth"),
+     "--inception-weights: .*weights-inception.pth"),
     (["--eval-every", "1", "--data", "FOLDER"], "--eval-every: cannot evaluate this run: .*Inception"),
+    (["--inception-weights", "GARBAGE", "--eval-every", "1"],  # a file, not Inception's (or no torch-fidelity)
+     "--inception-weights: cannot evaluate this run: .*(garbage.pth|torch-fidelity)"),
     (["--eval-samples", "1"], "--eval-samples: must be >= 2"),
 ])
 def test_evaluation_mistakes_are_one_line(tmp_path, argv, match):
@@ -146,7 +148,9 @@ def test_evaluation_mistakes_are_one_line(tmp_path, argv, match):
     folder.mkdir()
     for i in range(4):
         Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(folder / f"{i}.png")
-    argv = [str(folder) if a == "FOLDER" else a for a in argv]
+    (tmp_path / "garbage.pth").write_bytes(b"not a state dict")
+    argv = [str(folder) if a == "FOLDER" else str(tmp_path / "garbage.pth") if a == "GARBAGE" else a
+            for a in argv]
     proc = subprocess.run([sys.executable, str(ROOT / "train_ddp.py"), "--out", str(tmp_path / "run"), "--steps",
                            "1", "--ch", "4", "--batch-size", "4", "--cpu-threads", "1", "--no-progress", *argv],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -33,12 +33,10 @@ def build_evaluator(cfg: TrainConfig, info: DistInfo):
     """The run's :class:`~sagan_fast.metrics.Evaluator` (real side extracted now); a bad
     --inception-weights or a missing dependency is a ConfigError naming the flag."""
     from ..metrics.evaluator import Evaluator
-    from ..metrics.inception import MissingDependencyError, check_weights_path
+    from ..metrics.inception import MissingDependencyError
 
     weights = cfg.eval.inception_weights
     try:
-        if weights is not None:
-            check_weights_path(weights)
         return Evaluator.for_data(cfg.data.data, cfg.model.resolution, inception_weights=weights,
                                   device=info.device, n_samples=cfg.eval.eval_samples, seed=cfg.run.seed)
     except (OSError, ValueError, MissingDependencyError) as err:
@@ -67,10 +65,10 @@ class RunEvaluation:
         # A run shorter than the interval (a smoke run of a few steps) is not scored at all.
         self.active = bool(self.every) and cfg.run.steps >= self.every
         self.evaluator = None
-        if self.active:  # built now: a bad --inception-weights is an error before any step
-            self.evaluator = together(info, build_evaluator if info.is_main else lambda *a: None, cfg, info)
-        elif cfg.eval.inception_weights is not None:  # not used in this run, but a wrong path is still wrong
+        if cfg.eval.inception_weights is not None:  # a wrong path is wrong whether this run scores or not
             together(info, check_inception_weights, cfg.eval.inception_weights)
+        if self.active:  # built now: a file that is not Inception's is an error before any step
+            self.evaluator = together(info, build_evaluator if info.is_main else lambda *a: None, cfg, info)
         self.history = read_score_history(self.out / METRICS_FILE, state.step) if info.is_main else []
         self._plot_warned = False
 
