@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from sagan_fast.train import ConfigError, DataConfig, DistInfo, ModelConfig, Tra
 from sagan_fast.train.data import (BatchSource, DataError, DigitsDataset, ImageFolderDataset,
                                    ShardedBatchSampler, build_dataset, infinite_batches, load_digits_arrays,
                                    random_flip)
+from sagan_fast.train.loop import banner, build_state
 from sagan_fast.train.prepared_data import prepare
 
 
@@ -220,10 +226,13 @@ def test_random_flip_mirrors_about_half_and_is_seeded():
     assert torch.equal(random_flip(x), y)
 
 
+def _config(data: str, flip: bool | None = None, n_classes: int = 0, **data_kw) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(resolution=32, n_classes=n_classes),
+                       data=DataConfig(data=data, batch_size=2, workers=0, flip=flip, **data_kw))
+
+
 def _source(data: str, flip: bool | None = None, n_classes: int = 0, **data_kw) -> BatchSource:
-    cfg = TrainConfig(model=ModelConfig(resolution=32, n_classes=n_classes),
-                      data=DataConfig(data=data, batch_size=2, workers=0, flip=flip, **data_kw))
-    return BatchSource(cfg, DistInfo())
+    return BatchSource(_config(data, flip, n_classes, **data_kw), DistInfo())
 
 
 def test_batch_source_gives_a_folder_and_its_prepared_copy_as_the_same_batches(tmp_path):
@@ -269,3 +278,51 @@ def test_batch_source_labels_resume_position_and_errors(tmp_path):
         _source(str(tmp_path), n_classes=3)
     with pytest.raises(ConfigError, match="--n-classes 5: the data has 10 classes"):
         _source("digits", n_classes=5)
+
+
+
+@contextlib.contextmanager
+def folders_nobody_can_list(*folders: Path):
+    """``folders`` made unlistable (mode 000) for this process. Root may list anything, so as root the
+    effective user is 'nobody' (65534) inside the block: the permission check is the kernel's own."""
+    for folder in folders:
+        folder.chmod(0)
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            os.seteuid(65534)
+        yield
+    finally:
+        if as_root:
+            os.seteuid(0)
+        for folder in folders:
+            folder.chmod(0o755)
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named_not_silently_left_out():
+    base = Path(tempfile.mkdtemp())  # not under pytest's tmp_path: 'nobody' must reach it
+    try:
+        base.chmod(0o777)
+        root, only_locked = base / "imgs", base / "only_locked"
+        for name in ("imgs/open/0.png", "imgs/open/1.png", "imgs/locked/0.png", "only_locked/locked/0.png"):
+            _write(base / name, (8, 8), (0, 0, 255))
+        for p in base.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked = root / "locked"
+        with folders_nobody_can_list(locked, only_locked / "locked"):
+            folder = ImageFolderDataset(root, 8)
+            cfg = _config(str(root), flip=False)
+            source = BatchSource(cfg, DistInfo())
+            with pytest.warns(UserWarning, match=r"skipping folder .*locked: cannot be listed \(Permission denied\)"):
+                index = prepare(root, base / "prepared", 8, workers=0, quiet=True)
+            with pytest.raises(DataError, match=r"no jpg/jpeg/png/webp images found \(searched recursively\); 1 "
+                                                r"folder\(s\) could not be read, e.g. .*locked \(Permission denied\)"):
+                ImageFolderDataset(only_locked, 8)
+        assert [f.name for f in folder.files] == ["0.png", "1.png"] and index["count"] == 2
+        assert folder.unreadable_folders == [(locked, "Permission denied")]
+        state = build_state(cfg, DistInfo(), source)
+        said = banner(cfg, DistInfo(), state, None)
+        assert said[-1] == (f"warning: skipped folder {locked}: cannot be listed (Permission denied); its "
+                            "images are not used"), said
+    finally:
+        shutil.rmtree(base)

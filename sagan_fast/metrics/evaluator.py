@@ -27,6 +27,7 @@ real digits the judge never trained on (its held-out 20%); elsewhere of all real
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -174,6 +175,9 @@ def real_folder_images(root: str, resolution: int, max_images: int, seed: int = 
     from ..train.data import ImageFolderDataset
 
     data = ImageFolderDataset(root, resolution)
+    for path, why in data.unreadable_folders:
+        warnings.warn(f"skipping folder {path}: cannot be listed ({why}); its images are not scored against",
+                      stacklevel=2)
     n = min(max_images, len(data))
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return torch.stack([data[int(i)][0] for i in pick])

@@ -85,19 +85,25 @@ class DigitsDataset(Dataset):
         return self.images[index], int(self.labels[index]), 0
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
+def find_images(root: str | os.PathLike,
+                unreadable_folders: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All jpg/png/webp files under ``root`` (recursive, sorted so every rank sees one order).
 
     Symbolic links to folders are followed (as torchvision's ImageFolder does; ``Path.rglob`` of
     Python 3.11 silently leaves them out), each folder once: a link loop or a folder linked twice
-    does not repeat images."""
+    does not repeat images. A subfolder that cannot be listed (no permission) is passed over and
+    appended to ``unreadable_folders`` as (path, reason), for the caller to report."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"--data {str(root)!r}: no such folder (use 'digits' for the built-in dataset)")
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r} is not a folder")
-    files, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    files, seen, unlisted = [], set(), []
+
+    def cannot_list(err: OSError) -> None:
+        unlisted.append((Path(err.filename), err.strerror or type(err).__name__))
+
+    for folder, subfolders, names in os.walk(root, onerror=cannot_list, followlinks=True):
         subfolders.sort()  # which of two links to one folder is walked: the same on every machine
         try:
             st = os.stat(folder)
@@ -110,9 +116,14 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         files += [p for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
                   and (p := Path(folder, name)).is_file()]
     files.sort()
+    unlisted.sort()
+    if unreadable_folders is not None:
+        unreadable_folders += unlisted
     if not files:
+        why = (f"; {len(unlisted)} folder(s) could not be read, e.g. {unlisted[0][0]} ({unlisted[0][1]})"
+               if unlisted else "")
         raise DataError(f"--data {str(root)!r}: no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images "
-                        "found (searched recursively)")
+                        f"found (searched recursively){why}")
     return files
 
 
@@ -128,8 +139,9 @@ class ImageFolderDataset(Dataset):
     """Every image under a folder: RGB, centre square crop, resized to ``resolution``, in [-1, 1].
 
     An unreadable file is skipped (the next file is used) and counted in the item's ``skipped``
-    (:meth:`skipped_files` says which; :meth:`why_unreadable` why). Nothing is printed here: this
-    runs in each DataLoader worker.
+    (:meth:`skipped_files` says which; :meth:`why_unreadable` why). A subfolder that cannot be listed
+    is left out and named in :attr:`unreadable_folders`. Nothing is printed here: this runs in each
+    DataLoader worker.
     """
 
     n_classes = 0
@@ -137,7 +149,8 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, resolution: int) -> None:
         self.root = Path(root)
-        self.files = find_images(root)
+        self.unreadable_folders: list[tuple[Path, str]] = []
+        self.files = find_images(root, self.unreadable_folders)
         self.resolution = resolution
 
     def __len__(self) -> int:

@@ -227,6 +227,8 @@ def banner(cfg: TrainConfig, info: DistInfo, state: TrainState, resumed: Resumed
     lines.append(f"train: scoring the EMA generator every {every} steps ({cfg.eval.eval_samples} samples, "
                  f"{judge})" if every else "train: no scores during training (--eval-every 0, or an image "
                  "folder without --inception-weights)")
+    lines += [f"warning: skipped folder {path}: cannot be listed ({why}); its images are not used"
+              for path, why in getattr(state.batches.dataset, "unreadable_folders", ())]
     return lines + (resumed.notes if resumed else [])
 
 

@@ -79,7 +79,10 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, 
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (pass --overwrite to replace it)")
-    files = ImageFolderDataset(src, resolution).files  # its listing and its errors for a bad folder
+    folder = ImageFolderDataset(src, resolution)  # its listing and its errors for a bad folder
+    files = folder.files
+    for path, why in folder.unreadable_folders:
+        warnings.warn(f"skipping folder {path}: cannot be listed ({why})", stacklevel=2)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
