@@ -424,8 +424,16 @@ def test_environment_variable_selects_the_backend(monkeypatch, triton_calls):
     # auto keeps CPU tensors on the reference path (the interpreter is for tests, not speed).
     assert len(triton_calls) == (1 if q.device.type == "cpu" else 2)
     monkeypatch.setenv("SAGAN_FAST_BACKEND", "tritn")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tritn' \(from \$SAGAN_FAST_BACKEND\); expected one of"):
         attention_ops.sagan_attention(q, k, v)
+
+
+def test_auto_leaves_the_unmeasured_cuda_attention_out():
+    """The CUDA C++ attention (per-warp WMMA) has never been timed against naive PyTorch on a GPU:
+    `auto` must not pick it over the reference until bench/attention.py has measured it."""
+    from sagan_fast.ops._backend import AUTO_ORDER
+
+    assert AUTO_ORDER["sagan_attention"] == ("triton",)
 
 
 # ------------------------------------------------------------------------------------------------
