@@ -95,11 +95,22 @@ def shared(tmp_path_factory):
 
 # --- signals ----------------------------------------------------------------------------------------
 
-def _start(args: list[str], tmp: Path, name: str = "run") -> tuple[subprocess.Popen, Path, Path]:
+def _with_sighup(disposition: str) -> list[str]:
+    """A prefix for ``python ARGS``: set SIGHUP's disposition ('SIG_DFL' | 'SIG_IGN'), then exec the
+    same interpreter on ARGS (same pid and argv). An ignored signal stays ignored through exec, so
+    under `nohup pytest` every run started here would ignore SIGHUP; runs start as from a terminal
+    (the default) unless a test asks for nohup's. No preexec_fn: unsafe with the threads here."""
+    code = (f"import os, signal, sys; signal.signal(signal.SIGHUP, signal.{disposition}); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    return [sys.executable, "-c", code]
+
+
+def _start(args: list[str], tmp: Path, name: str = "run", sighup: str = "SIG_DFL"
+           ) -> tuple[subprocess.Popen, Path, Path]:
     out_file, err_file = tmp / f"{name}.out", tmp / f"{name}.err"
     with open(out_file, "w") as o, open(err_file, "w") as e:  # files, not pipes: nothing can block
-        proc = subprocess.Popen([sys.executable, *map(str, args)], env=ENV, cwd=REPO, stdout=o, stderr=e,
-                                text=True)
+        proc = subprocess.Popen([*_with_sighup(sighup), *map(str, args)], env=ENV, cwd=REPO, stdout=o,
+                                stderr=e, text=True)
     return proc, out_file, err_file
 
 
@@ -171,6 +182,29 @@ def test_a_signal_saves_the_step_says_how_to_continue_and_the_continuation_is_ex
     train(parse_config(tiny(straight, "--steps", step + 1, "--ckpt-every", 1000)))
     name = f"step_{step + 1:08d}.pt"
     _same_weights(out / "checkpoints" / name, straight / "checkpoints" / name)
+
+
+def test_under_nohup_a_hang_up_is_left_alone_and_sigterm_still_saves(tmp_path):
+    """`nohup python train_ddp.py ...` asks for a run that outlives its terminal: SIGHUP, ignored
+    when the run starts, stays ignored (the run goes on); SIGTERM still saves and exits 143."""
+    out = tmp_path / "run"
+    proc, _, err_file = _start(["train_ddp.py", *tiny(out, "--steps", 100000, "--ckpt-every", 1000)],
+                               tmp_path, sighup="SIG_IGN")
+    try:
+        _wait_for_logged_steps(out, 2, [proc])
+        proc.send_signal(signal.SIGHUP)
+        logged = len((out / "metrics.jsonl").read_text().splitlines())
+        _wait_for_logged_steps(out, logged + 2, [proc])  # two more steps after the hang-up
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err_file.read_text()
+    assert rc == 128 + signal.SIGTERM, err
+    assert_no_traceback(err)
+    step, saved, _ = _stop_line(err, "SIGTERM")
+    assert step >= logged + 2 and saved.is_file()
 
 
 def test_a_second_ctrl_c_aborts_the_step_at_once(tmp_path):
@@ -269,6 +303,7 @@ def test_closing_the_terminal_saves_the_step_like_sigterm(tmp_path):
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session of its own, the pty its controlling terminal
         try:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, even under `nohup pytest`
             os.chdir(REPO)
             os.execve(args[0], args, ENV)
         finally:
@@ -284,7 +319,14 @@ def test_closing_the_terminal_saves_the_step_like_sigterm(tmp_path):
                 shown += os.read(terminal, 1 << 16)
     finally:
         os.close(terminal)  # hang up
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = waited[1]
+    if waited[0] == 0:  # still running: the hang-up did not stop it
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the run went on after its terminal was closed: " + shown.decode(errors="replace")[-3000:])
     assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP, shown.decode(errors="replace")[-3000:]
     saved = ckpt.list_checkpoints(out / "checkpoints")
     assert len(saved) == 1 and ckpt.load_checkpoint(saved[0])["step"] >= 2
