@@ -146,7 +146,8 @@ class _Run:
 def _stop_outside_the_loop() -> dict[int, object]:
     """Until the training loop installs its own handlers (sagan_fast.train.stop), and after it: SIGTERM
     and SIGHUP (unless ignored: nohup) raise :class:`Interrupted`, SIGINT KeyboardInterrupt (Python's
-    default). Returns the handlers replaced."""
+    default, absent where SIGINT was ignored at start: a script's background job). Returns the
+    handlers replaced."""
     previous: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
         return previous

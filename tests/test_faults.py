@@ -95,21 +95,23 @@ def shared(tmp_path_factory):
 
 # --- signals ----------------------------------------------------------------------------------------
 
-def _with_sighup(disposition: str) -> list[str]:
-    """A prefix for ``python ARGS``: set SIGHUP's disposition ('SIG_DFL' | 'SIG_IGN'), then exec the
-    same interpreter on ARGS (same pid and argv). An ignored signal stays ignored through exec, so
-    under `nohup pytest` every run started here would ignore SIGHUP; runs start as from a terminal
-    (the default) unless a test asks for nohup's. No preexec_fn: unsafe with the threads here."""
-    code = (f"import os, signal, sys; signal.signal(signal.SIGHUP, signal.{disposition}); "
-            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+def _with_dispositions(ignore: tuple[str, ...] = ()) -> list[str]:
+    """A prefix for ``python ARGS``: SIGHUP and SIGINT set to their defaults, or ignored for the names
+    in ``ignore``, then the same interpreter exec'd on ARGS (same pid and argv). An ignored signal
+    stays ignored through exec, so under `nohup pytest` or `pytest &` in a script every run started
+    here would ignore SIGHUP or SIGINT; runs start as from a terminal unless a test asks otherwise.
+    (No preexec_fn: unsafe with the threads here.)"""
+    sets = "; ".join(f"signal.signal(signal.{name}, signal.{'SIG_IGN' if name in ignore else 'SIG_DFL'})"
+                     for name in ("SIGHUP", "SIGINT"))
+    code = f"import os, signal, sys; {sets}; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     return [sys.executable, "-c", code]
 
 
-def _start(args: list[str], tmp: Path, name: str = "run", sighup: str = "SIG_DFL"
+def _start(args: list[str], tmp: Path, name: str = "run", ignore: tuple[str, ...] = ()
            ) -> tuple[subprocess.Popen, Path, Path]:
     out_file, err_file = tmp / f"{name}.out", tmp / f"{name}.err"
     with open(out_file, "w") as o, open(err_file, "w") as e:  # files, not pipes: nothing can block
-        proc = subprocess.Popen([*_with_sighup(sighup), *map(str, args)], env=ENV, cwd=REPO, stdout=o,
+        proc = subprocess.Popen([*_with_dispositions(ignore), *map(str, args)], env=ENV, cwd=REPO, stdout=o,
                                 stderr=e, text=True)
     return proc, out_file, err_file
 
@@ -184,17 +186,19 @@ def test_a_signal_saves_the_step_says_how_to_continue_and_the_continuation_is_ex
     _same_weights(out / "checkpoints" / name, straight / "checkpoints" / name)
 
 
-def test_under_nohup_a_hang_up_is_left_alone_and_sigterm_still_saves(tmp_path):
-    """`nohup python train_ddp.py ...` asks for a run that outlives its terminal: SIGHUP, ignored
-    when the run starts, stays ignored (the run goes on); SIGTERM still saves and exits 143."""
+def test_a_run_started_ignoring_hang_up_and_ctrl_c_leaves_them_alone_and_sigterm_still_saves(tmp_path):
+    """`nohup python train_ddp.py ... &` in a shell script starts the run with SIGHUP ignored (nohup)
+    and SIGINT ignored (a script's background job): it asked to outlive the terminal and the
+    script's Ctrl-C. Both stay ignored (the run goes on); SIGTERM still saves and exits 143."""
     out = tmp_path / "run"
     proc, _, err_file = _start(["train_ddp.py", *tiny(out, "--steps", 100000, "--ckpt-every", 1000)],
-                               tmp_path, sighup="SIG_IGN")
+                               tmp_path, ignore=("SIGHUP", "SIGINT"))
     try:
         _wait_for_logged_steps(out, 2, [proc])
         proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGINT)
         logged = len((out / "metrics.jsonl").read_text().splitlines())
-        _wait_for_logged_steps(out, logged + 2, [proc])  # two more steps after the hang-up
+        _wait_for_logged_steps(out, logged + 2, [proc])  # two more steps after both
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
     finally:
@@ -240,16 +244,20 @@ def test_a_second_ctrl_c_aborts_the_step_at_once(tmp_path):
 
 
 def test_stop_request_handles_real_signals_in_this_process():
-    previous = signal.getsignal(signal.SIGINT)
-    with StopRequest(DistInfo()) as stop:
-        assert stop.agreed() == 0
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGTERM)  # torchrun and SLURM may both send one: not an abort
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the second signal, a Ctrl-C: abort
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is previous
+    # Ctrl-C handled as from a terminal, even where pytest itself started with SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest(DistInfo()) as stop:
+            assert stop.agreed() == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun and SLURM may both send one: not an abort
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the second signal, a Ctrl-C: abort
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _catches(pid: int, sig: int) -> bool:

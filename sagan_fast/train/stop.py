@@ -3,8 +3,10 @@ workers, by SLURM and Kubernetes before a kill) or SIGHUP (the terminal or ssh s
 torchrun forwards it too) lets the current step finish; the loop then writes a checkpoint of it
 and ends. A second SIGINT aborts at once (KeyboardInterrupt); a second SIGTERM or SIGHUP is ignored
 (SLURM signals every process, torchrun forwards the signal it got: a worker may get two). SIGHUP
-is left alone where it is ignored (``nohup``); after it, what would go to the closed terminal goes
-to /dev/null (writing there fails: the checkpoint must still be written).
+and SIGINT are left alone where the run started with them ignored (``nohup`` ignores SIGHUP; a shell
+script's ``cmd &`` ignores SIGINT, so a Ctrl-C meant for the script does not reach its background
+jobs; Python keeps SIGINT ignored then too); SIGTERM is always handled. After a SIGHUP, what would go
+to the closed terminal goes to /dev/null (writing there fails: the checkpoint must still be written).
 
 Every rank must stop after the same step (each contributes its RNG state to the checkpoint: a
 collective). :meth:`StopRequest.agreed` is called by every rank once per step: alone it reads the
@@ -97,9 +99,9 @@ def signal_name(signum: int) -> str:
 
 
 def stop_signals() -> list[int]:
-    """The signals a run stops on: :data:`STOP_SIGNALS`, less SIGHUP where it is ignored (nohup)."""
-    hup = getattr(signal, "SIGHUP", None)
-    return [s for s in STOP_SIGNALS if not (s == hup and signal.getsignal(s) == signal.SIG_IGN)]
+    """The signals a run stops on: :data:`STOP_SIGNALS`, less SIGHUP and SIGINT where they are ignored
+    (``nohup``; a background job of a shell script)."""
+    return [s for s in STOP_SIGNALS if s == signal.SIGTERM or signal.getsignal(s) != signal.SIG_IGN]
 
 
 def terminal_fds() -> list[int]:
