@@ -686,9 +686,19 @@ def normalized_sigmas(model: nn.Module) -> dict[str, float]:
         dtype = torch.promote_types(mat.dtype, torch.float64)
         mat = mat.to(dtype)
         sigma = reference.spectral_norm_sigma(mat, sn._u.to(dtype), sn._v.to(dtype))
-        key = f"{name}.{pname}" if name else pname
-        out[key] = float(torch.linalg.matrix_norm(mat / sigma, ord=2).abs().cpu())
-    return out
+        out[f"{name}.{pname}" if name else pname] = torch.linalg.matrix_norm(mat / sigma, ord=2).abs()
+    return _to_floats(out)
+
+
+def _to_floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d float64 tensors (on any devices) as Python floats, with one copy to the host per device."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in values.items():
+        by_device.setdefault(value.device, []).append(key)
+    out = {}
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([values[k] for k in keys]).cpu().tolist()))
+    return {key: out[key] for key in values}
 
 
 def _residual_tolerance(dtype: torch.dtype) -> float:
@@ -722,8 +732,8 @@ def power_iteration_residuals(model: nn.Module) -> dict[str, float]:
         dtype = torch.promote_types(mat.dtype, torch.float64)
         u, v = sn._u.to(dtype), sn._v.to(dtype)
         v_next = F.normalize(torch.mv(mat.to(dtype).H, u), dim=0, eps=sn.eps)
-        out[f"{name}.{pname}" if name else pname] = float((v - v_next).norm().cpu())
-    return out
+        out[f"{name}.{pname}" if name else pname] = (v - v_next).norm()
+    return _to_floats(out)
 
 
 def assert_normalized(models: nn.Module | Iterable[nn.Module], tol: float = 0.02) -> None:
